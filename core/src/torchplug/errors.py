@@ -1,0 +1,43 @@
+"""Exceptions torchplug raises; every message names the plugin, its distribution and the fix."""
+
+from __future__ import annotations
+
+
+class TorchplugError(Exception):
+    """Base class of every error torchplug raises on purpose."""
+
+
+class MisconfigurationError(TorchplugError, ValueError):
+    """Trainer arguments, a module or a plugin set that cannot run; raised before any work."""
+
+
+class PluginError(TorchplugError):
+    """A plugin could not be found, loaded, validated or combined with the others."""
+
+
+class PluginNotFoundError(PluginError, LookupError):
+    """A plugin name that no installed distribution provides."""
+
+
+class PluginLoadError(PluginError, ImportError):
+    """Importing a plugin's entry point failed; ``__cause__`` keeps the original traceback."""
+
+
+class PluginValidationError(PluginError, TypeError):
+    """A hook implementation that does not match its hookspec (unknown hook, wrong argument)."""
+
+
+class PluginConflictError(PluginError):
+    """Two plugins claim the same role (precision or strategy)."""
+
+
+class PluginHookError(PluginError):
+    """A plugin raised inside a hook; ``__cause__`` is the plugin's own exception."""
+
+
+class CheckpointError(TorchplugError):
+    """A checkpoint that cannot be read, or refers to state this run cannot restore."""
+
+
+class NonFiniteLossError(TorchplugError, FloatingPointError):
+    """``training_step`` returned a NaN or infinite loss."""

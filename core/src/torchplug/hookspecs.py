@@ -1,0 +1,506 @@
+"""Every hook a torchplug plugin can implement: this module is the API reference.
+
+Hooks are grouped by the phase in which the core calls them, in calling order:
+
+1. launch and environment  (``launch`` … ``check_configuration`` … ``teardown_environment``)
+2. setup                   (``on_after_setup_optimizers``, ``connect_precision``, ``configure_apex``,
+                            ``configure_ddp``, ``get_model_from_plugin``)
+3. step                    (``on_before_forward``, ``block_backward_sync``, ``forward_context``,
+                            ``backward``, ``unscale_gradients``, ``clip_gradients``, ``optimizer_step``)
+4. collectives             (``barrier``, ``broadcast``, ``reduce``)
+5. user events             (``on_fit_start`` … ``on_exception``), including checkpoint state
+
+Calling conventions (pluggy calls every hook by keyword):
+
+* **firstresult**: implementations run from the most recently registered plugin to the core's
+  built-in defaults (registered ``trylast``); the first one that returns something other than
+  ``None`` decides. Return ``None`` to defer to the next plugin.
+* **all called**: every implementation runs; return values are ignored.
+* **chained** (``on_before_forward`` only): every implementation runs in call order and receives
+  what the previous one returned (``None`` means "unchanged").
+
+An implementation may accept any subset of a hook's arguments, in any order. Implement a hook
+with ``@torchplug.hookimpl`` on a function or method, or by overriding a method of the same name
+in a :class:`torchplug.Plugin` subclass (no decorator needed, Lightning 1.1 style).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager
+from typing import TYPE_CHECKING, Any
+
+import pluggy
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
+    from torch.optim import Optimizer
+
+    from torchplug.trainer import Trainer
+
+hookspec = pluggy.HookspecMarker("torchplug")
+hookimpl = pluggy.HookimplMarker("torchplug")
+
+
+# --------------------------------------------------------------------------------------------
+# 1. Launch and environment
+# --------------------------------------------------------------------------------------------
+
+
+@hookspec(firstresult=True)
+def launch(trainer: Trainer, function: Callable[[], Any]) -> Any:
+    """Run ``function`` in the processes the run needs and return the launching process's result.
+
+    :param trainer: the Trainer that is fitting.
+    :param function: takes no arguments and runs the whole fit in the current process; it
+        returns a :class:`torchplug.FitOutcome`. It is picklable, so a plugin may run it in
+        worker processes it starts itself.
+    :returns: the :class:`~torchplug.FitOutcome` of global rank 0, or ``None`` to leave the
+        launch to the next plugin.
+
+    Convention: firstresult. The built-in default calls ``function()`` in this process. The
+    ``ddp`` plugin starts ``devices`` workers when no launcher (torchrun, an initialised
+    process group) is present, and returns rank 0's outcome; the core then loads its weights
+    into the model given to ``fit``.
+
+    Example::
+
+        @hookimpl
+        def launch(trainer, function):
+            if not needs_workers(trainer):
+                return None
+            return run_in_workers(function)
+    """
+
+
+@hookspec
+def check_configuration(trainer: Trainer) -> None:
+    """Refuse a configuration this plugin cannot run, before any work starts.
+
+    :param trainer: the Trainer being constructed; its arguments are validated and its plugins
+        resolved.
+
+    Convention: all called, from ``Trainer.__init__``. Raise
+    :class:`torchplug.MisconfigurationError` with a message that names the plugin and the fix
+    (e.g. apex on a machine without CUDA, ``static_graph=True`` with gradient accumulation).
+
+    Example::
+
+        @hookimpl
+        def check_configuration(trainer):
+            if trainer.accumulate_grad_batches > 1 and self.static_graph:
+                raise MisconfigurationError("ddp: static_graph=True breaks no_sync ...")
+    """
+
+
+@hookspec
+def setup_environment(trainer: Trainer) -> None:
+    """Prepare this process for the run: process group, device, seeds.
+
+    :param trainer: the Trainer that is fitting.
+
+    Convention: all called, once per process, before the model is set up. The ``ddp``
+    plugin initialises the process group here (``env://``, or the one it spawned), unless
+    one is already initialised.
+    """
+
+
+@hookspec(firstresult=True)
+def world_size() -> int:
+    """Number of data-parallel processes taking part in the run.
+
+    :returns: the world size. Default: 1.
+
+    Convention: firstresult, asked after ``setup_environment``. A value above 1 makes the
+    core inject a ``DistributedSampler`` and write progress, metrics and checkpoints on
+    global rank 0 only.
+    """
+
+
+@hookspec(firstresult=True)
+def global_rank() -> int:
+    """Rank of this process among all data-parallel processes.
+
+    :returns: the rank, 0-based. Default: 0.
+
+    Convention: firstresult, asked after ``setup_environment``.
+    """
+
+
+@hookspec(firstresult=True)
+def root_device(trainer: Trainer, model: nn.Module) -> torch.device:
+    """The device this process trains on.
+
+    :param trainer: the Trainer; ``trainer.accelerator`` is ``"cpu"``, ``"cuda"`` or ``None``.
+    :param model: the user's module, before any wrapping.
+    :returns: a ``torch.device``. Default: ``cuda:0`` for ``accelerator="cuda"``, ``cpu`` for
+        ``"cpu"``, else the device of the model's first parameter (CPU without parameters).
+
+    Convention: firstresult. The core moves the model there before
+    ``configure_optimizers``. The ``ddp`` plugin returns ``cuda:LOCAL_RANK`` on GPUs.
+    """
+
+
+@hookspec
+def teardown_environment(trainer: Trainer) -> None:
+    """Release what ``setup_environment`` acquired.
+
+    :param trainer: the Trainer that fitted.
+
+    Convention: all called, once per process, also after an exception. The ``ddp`` plugin
+    destroys the process group it created (never one it found initialised).
+    """
+
+
+# --------------------------------------------------------------------------------------------
+# 2. Setup of model and optimizers, in this order
+# --------------------------------------------------------------------------------------------
+
+
+@hookspec
+def on_after_setup_optimizers(trainer: Trainer) -> None:
+    """Called once the optimizers exist, before precision and DDP setup.
+
+    :param trainer: the Trainer; ``trainer.optimizers`` and ``trainer.lr_schedulers`` are set.
+
+    Convention: all called, in every launch mode (in-process, spawned workers, torchrun).
+    """
+
+
+@hookspec(firstresult=True)
+def connect_precision(
+    trainer: Trainer, model: nn.Module, optimizers: list[Optimizer]
+) -> tuple[nn.Module, list[Optimizer]] | None:
+    """Set up model and optimizers for the plugin's precision (Lightning 1.1's ``connect``).
+
+    :param trainer: the Trainer.
+    :param model: the user's module, on its root device, not yet wrapped for DDP.
+    :param optimizers: the optimizers from ``configure_optimizers``.
+    :returns: ``(model, optimizers)`` to train with, or ``None`` to defer. Default: unchanged.
+
+    Convention: firstresult, once per process, after ``on_after_setup_optimizers`` and before
+    ``configure_ddp``. When the returned optimizers are new objects, the core re-binds the LR
+    schedulers to them (apex replaces optimizers). The apex plugin calls ``configure_apex``
+    from here.
+    """
+
+
+@hookspec(firstresult=True)
+def configure_apex(
+    amp: Any, model: nn.Module, optimizers: list[Optimizer], amp_level: str
+) -> tuple[nn.Module, list[Optimizer]] | None:
+    """Initialise NVIDIA apex amp for the model and optimizers.
+
+    :param amp: the ``apex.amp`` module.
+    :param model: the user's module, on its CUDA device, not wrapped for DDP.
+    :param optimizers: the optimizers.
+    :param amp_level: the opt level, ``"O0"`` to ``"O3"``.
+    :returns: ``(model, optimizers)`` as ``amp.initialize`` returns them.
+
+    Convention: firstresult, called by the apex plugin's ``connect_precision``. Override it to
+    pass more options to ``amp.initialize``.
+
+    Example::
+
+        class MyApex(ApexPlugin):
+            def configure_apex(self, amp, model, optimizers, amp_level):
+                return amp.initialize(model, optimizers, opt_level=amp_level,
+                                      keep_batchnorm_fp32=False)
+    """
+
+
+@hookspec(firstresult=True)
+def configure_ddp(model: nn.Module, device_ids: list[int] | None) -> nn.Module:
+    """Wrap the model for data-parallel training.
+
+    :param model: the user's module after ``connect_precision``.
+    :param device_ids: ``[local_rank]`` on CUDA, ``None`` on CPU.
+    :returns: the module the loop trains. Default: ``model`` unchanged.
+
+    Convention: firstresult. A returned wrapper (anything but ``model`` itself) is called
+    with the step arguments, ``wrapper(batch, batch_idx)``, and must run
+    ``model.training_step``: wrap ``torchplug.TrainingStepModule(model)`` in your DDP.
+
+    Example (DESIGN.md's custom DDP)::
+
+        class MyDDP(DDPPlugin):
+            def configure_ddp(self, model, device_ids):
+                return MyDDPWrapper(TrainingStepModule(model), device_ids=device_ids)
+    """
+
+
+@hookspec(firstresult=True)
+def get_model_from_plugin(model: nn.Module) -> nn.Module:
+    """Unwrap what ``configure_ddp`` returned.
+
+    :param model: the wrapped module.
+    :returns: the user's module. Default: ``model``.
+
+    Convention: firstresult. The core uses it for validation, checkpoints and the model it
+    hands back after fit.
+    """
+
+
+# --------------------------------------------------------------------------------------------
+# 3. One training step, in the order the loop calls them
+# --------------------------------------------------------------------------------------------
+
+
+@hookspec
+def on_before_forward(model: nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...] | None:
+    """Transform the arguments of the step function before it runs.
+
+    :param model: the module that will run the step (wrapped or not).
+    :param args: the arguments the step function will get: ``(batch, batch_idx)`` for
+        ``training_step`` and ``validation_step``.
+    :returns: new args, or ``None`` for unchanged.
+
+    Convention: **chained**: every implementation runs, each receiving the args the previous
+    one returned. The default (trylast) moves tensors in the batch to the model's device; the
+    ``ddp`` plugin moves them to the rank's device. Called for training and validation.
+
+    Example::
+
+        @hookimpl
+        def on_before_forward(args):
+            batch, idx = args
+            return (augment(batch), idx)
+    """
+
+
+@hookspec(firstresult=True)
+def block_backward_sync(model: nn.Module) -> AbstractContextManager[Any]:
+    """A context manager that stops gradient synchronisation between processes.
+
+    :param model: the module returned by ``configure_ddp``.
+    :returns: a context manager. Default: ``contextlib.nullcontext()``.
+
+    Convention: firstresult. The core ENTERS the returned context around the forward AND the
+    backward of every micro-batch but the last of an accumulation window; the last runs outside
+    it and performs the one gradient all-reduce of the window. Return the context manager, do
+    not enter it yourself. The ``ddp`` plugin returns ``model.no_sync()``.
+    """
+
+
+@hookspec(firstresult=True)
+def forward_context(model: nn.Module) -> AbstractContextManager[Any]:
+    """A context manager for the forward pass (precision: autocast).
+
+    :param model: the module that will run the step.
+    :returns: a context manager. Default: ``contextlib.nullcontext()`` (fp32).
+
+    Convention: firstresult. The core enters it around ``training_step`` and
+    ``validation_step``; backward runs outside it. The ``native_amp`` plugin returns
+    ``torch.autocast(device_type, dtype)``.
+    """
+
+
+@hookspec(firstresult=True)
+def backward(loss: torch.Tensor, optimizers: list[Optimizer], model: nn.Module) -> Any:
+    """Run backward for one micro-batch's loss (precision: loss scaling).
+
+    :param loss: the micro-batch loss, already divided by the accumulation window length.
+    :param optimizers: the optimizers that will step at the window's end.
+    :param model: the module that ran the step.
+    :returns: anything but ``None`` once backward has run. Default: ``loss.backward()``.
+
+    Convention: firstresult. ``native_amp`` backpropagates ``scaler.scale(loss)``; ``apex``
+    runs backward inside ``amp.scale_loss``.
+    """
+
+
+@hookspec
+def unscale_gradients(optimizer: Optimizer) -> None:
+    """Bring the gradients of ``optimizer`` to their true scale.
+
+    :param optimizer: an optimizer whose gradients are complete for this window.
+
+    Convention: all called by the core at every window's end, before
+    ``on_before_optimizer_step`` and ``clip_gradients``. Implementations must be idempotent
+    within a step: ``native_amp`` calls ``GradScaler.unscale_`` at most once per optimizer and
+    step, however many hooks ask.
+    """
+
+
+@hookspec(firstresult=True)
+def clip_gradients(grad_clip_val: float, optimizer: Optimizer, norm_type: float) -> torch.Tensor:
+    """Clip the gradients of ``optimizer``'s parameters to a total norm.
+
+    :param grad_clip_val: the maximum total norm (``gradient_clip_val``), > 0.
+    :param optimizer: the optimizer whose parameters' gradients are clipped.
+    :param norm_type: the p of the p-norm; ``float("inf")`` for the max norm.
+    :returns: the total norm of the gradients before clipping, as a tensor.
+
+    Convention: firstresult, at the window's end when ``gradient_clip_val > 0``, after
+    ``unscale_gradients``. Default: ``torch.nn.utils.clip_grad_norm_`` over the optimizer's
+    parameters. ``apex`` clips ``amp.master_params(optimizer)`` with eps 1e-5.
+    """
+
+
+@hookspec(firstresult=True)
+def optimizer_step(optimizers: list[Optimizer]) -> bool:
+    """Step every optimizer once for this window (precision: skip on inf).
+
+    :param optimizers: all optimizers of the run.
+    :returns: ``True`` if the parameters were updated, ``False`` if the step was skipped
+        (e.g. inf/NaN gradients under fp16). Default: ``opt.step()`` for each, ``True``.
+
+    Convention: firstresult. After a skipped step the core does not step the LR schedulers
+    and counts the skip in ``trainer.callback_metrics["skipped_steps"]``.
+    """
+
+
+# --------------------------------------------------------------------------------------------
+# 4. Collectives the loop uses (defaults: one process)
+# --------------------------------------------------------------------------------------------
+
+
+@hookspec(firstresult=True)
+def data_parallel_group() -> Any:
+    """The process group gradients are averaged over.
+
+    :returns: a ``torch.distributed`` process group, or ``None`` outside distributed runs.
+
+    Convention: firstresult. ``ddp``: ``group.WORLD`` or the group it was given.
+    """
+
+
+@hookspec
+def barrier(name: str) -> None:
+    """Wait until every process reaches this point.
+
+    :param name: what the processes wait for, for error messages.
+
+    Convention: all called. Default: nothing (one process).
+    """
+
+
+@hookspec(firstresult=True)
+def broadcast(obj: Any, src: int) -> Any:
+    """Send a picklable object from rank ``src`` to all processes.
+
+    :param obj: the object (only rank ``src``'s matters).
+    :param src: the sending rank.
+    :returns: rank ``src``'s object. Default: ``obj``.
+
+    Convention: firstresult.
+    """
+
+
+@hookspec(firstresult=True)
+def reduce(tensor: torch.Tensor, op: str) -> torch.Tensor:
+    """Reduce a tensor over all processes.
+
+    :param tensor: a tensor on the root device.
+    :param op: ``"mean"`` or ``"sum"``.
+    :returns: the reduced tensor. Default: ``tensor``.
+
+    Convention: firstresult. The core averages validation metrics with it.
+    """
+
+
+# --------------------------------------------------------------------------------------------
+# 5. User-facing events (loggers, policies); all called, return values ignored
+# --------------------------------------------------------------------------------------------
+
+
+@hookspec
+def on_fit_start(trainer: Trainer, model: nn.Module) -> None:
+    """The fit loop is about to run its first step.
+
+    :param trainer: the Trainer.
+    :param model: the user's module.
+    """
+
+
+@hookspec
+def on_train_epoch_start(trainer: Trainer, epoch: int) -> None:
+    """A training epoch starts.
+
+    :param trainer: the Trainer.
+    :param epoch: the 0-based epoch.
+    """
+
+
+@hookspec
+def on_before_optimizer_step(trainer: Trainer, optimizer: Optimizer) -> None:
+    """Gradients of a window are complete and unscaled; clipping and the step follow.
+
+    :param trainer: the Trainer.
+    :param optimizer: the optimizer about to step.
+    """
+
+
+@hookspec
+def on_train_batch_end(trainer: Trainer, outputs: Any, batch: Any, batch_idx: int) -> None:
+    """A micro-batch has run forward and backward (and the step, at a window's end).
+
+    :param trainer: the Trainer.
+    :param outputs: what ``training_step`` returned.
+    :param batch: the batch, after ``on_before_forward``.
+    :param batch_idx: its index in the epoch.
+    """
+
+
+@hookspec
+def on_train_epoch_end(trainer: Trainer, epoch: int) -> None:
+    """A training epoch ended (before its validation).
+
+    :param trainer: the Trainer.
+    :param epoch: the 0-based epoch.
+    """
+
+
+@hookspec
+def on_validation_end(trainer: Trainer, metrics: dict[str, float]) -> None:
+    """Validation finished.
+
+    :param trainer: the Trainer.
+    :param metrics: the validation metrics, averaged over batches and processes.
+    """
+
+
+@hookspec
+def on_save_checkpoint(trainer: Trainer, checkpoint: dict[str, Any]) -> None:
+    """A checkpoint is being written: add this plugin's state.
+
+    :param trainer: the Trainer.
+    :param checkpoint: the dict about to be saved. Add state under a key of your own (e.g.
+        ``checkpoint["native_amp"] = scaler.state_dict()``) made of tensors, numbers, strings,
+        lists, tuples and dicts only: checkpoints are loaded with ``weights_only=True``.
+    """
+
+
+@hookspec
+def on_load_checkpoint(trainer: Trainer, checkpoint: dict[str, Any]) -> None:
+    """A checkpoint was loaded to resume: restore this plugin's state.
+
+    :param trainer: the Trainer.
+    :param checkpoint: the loaded dict. Called after ``connect_precision`` (apex requires
+        initialise-then-load).
+    """
+
+
+@hookspec
+def on_fit_end(trainer: Trainer, model: nn.Module) -> None:
+    """Fit finished normally.
+
+    :param trainer: the Trainer.
+    :param model: the user's module with the trained weights.
+    """
+
+
+@hookspec
+def on_exception(trainer: Trainer, exception: BaseException) -> None:
+    """Fit is ending with an exception (including ``KeyboardInterrupt``).
+
+    :param trainer: the Trainer.
+    :param exception: the exception; it is re-raised after every implementation ran.
+    """
+
+
+#: Every hook name, in the order defined above.
+HOOK_NAMES: Sequence[str] = tuple(
+    name for name, value in list(globals().items()) if hasattr(value, "torchplug_spec")
+)

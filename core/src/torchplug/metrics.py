@@ -1,0 +1,86 @@
+"""Where metrics go: a CSV file in the run folder, and a progress bar on a terminal."""
+
+from __future__ import annotations
+
+import csv
+import math
+import sys
+from pathlib import Path
+from typing import IO, Any
+
+import torch
+
+from torchplug.errors import MisconfigurationError
+
+CSV_FIELDS = ("step", "epoch", "metric", "value")
+
+
+def to_floats(values: dict[str, torch.Tensor | float]) -> dict[str, float]:
+    """One host sync for all tensor values, not one per metric."""
+    tensors = {k: v for k, v in values.items() if isinstance(v, torch.Tensor)}
+    out = {k: float(v) for k, v in values.items() if not isinstance(v, torch.Tensor)}
+    if tensors:
+        stacked = torch.stack([t.reshape(()).float() for t in tensors.values()]).cpu().tolist()
+        out.update(zip(tensors, stacked))
+    return out
+
+
+class CSVLogger:
+    """Appends ``step,epoch,metric,value`` rows to ``metrics.csv``: a long format that
+    survives new metric names and a crash mid-run (each flush ends on a complete row)."""
+
+    def __init__(self, log_dir: Path) -> None:
+        self.path = log_dir / "metrics.csv"
+        try:
+            log_dir.mkdir(parents=True, exist_ok=True)
+            new = not self.path.exists()
+            self._file: IO[str] = open(self.path, "a", newline="", encoding="utf-8")  # noqa: SIM115
+            self._writer = csv.writer(self._file)
+            if new:
+                self._writer.writerow(CSV_FIELDS)
+                self._file.flush()
+        except OSError as exc:
+            raise MisconfigurationError(
+                f"Cannot write metrics to {self.path}: {exc}. Choose a writable "
+                "default_root_dir, or turn metrics off with Trainer(logger=False)."
+            ) from exc
+
+    def log(self, step: int, epoch: int, metrics: dict[str, float]) -> None:
+        try:
+            for name, value in metrics.items():
+                self._writer.writerow((step, epoch, name, repr(value)))
+            self._file.flush()
+        except OSError as exc:
+            raise OSError(f"Writing metrics to {self.path} failed: {exc}") from exc
+
+    def close(self) -> None:
+        self._file.close()
+
+
+class ProgressBar:
+    """A tqdm bar per epoch, shown only on a terminal (stderr is a TTY)."""
+
+    def __init__(self, enabled: bool) -> None:
+        self.enabled = enabled and sys.stderr.isatty()
+        self._bar: Any = None
+
+    def start_epoch(self, epoch: int, total: int | None) -> None:
+        if self.enabled:
+            from tqdm.auto import tqdm
+
+            self.close()
+            self._bar = tqdm(total=total, desc=f"Epoch {epoch}", leave=True, dynamic_ncols=True)
+
+    def update(self, n: int = 1) -> None:
+        if self._bar is not None:
+            self._bar.update(n)
+
+    def show(self, metrics: dict[str, float]) -> None:
+        if self._bar is not None:
+            self._bar.set_postfix({k: f"{v:.4g}" if math.isfinite(v) else str(v) for k, v in metrics.items()},
+                                  refresh=False)
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None

@@ -1,0 +1,301 @@
+"""``Trainer``: arguments, plugin selection, and the processes around the fit loop."""
+
+from __future__ import annotations
+
+import functools
+import os
+import signal
+import threading
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from torchplug import checkpoint as ckpt
+from torchplug.errors import MisconfigurationError, PluginError
+from torchplug.hookcalls import Hooks
+from torchplug.manager import PluginManager, get_plugin_manager
+from torchplug.plugin import Role
+
+PRECISIONS = {32: "32", "32": "32", 16: "16", "16": "16", "16-mixed": "16", "bf16": "bf16", "bf16-mixed": "bf16"}
+AMP_BACKENDS = ("native", "apex")
+AMP_LEVELS = ("O0", "O1", "O2", "O3")
+ACCELERATORS = {None: None, "auto": None, "cpu": "cpu", "gpu": "cuda", "cuda": "cuda"}
+NONFINITE = ("error", "skip", "ignore")
+
+
+@dataclass
+class FitOutcome:
+    """What one process's fit produced; the launcher returns rank 0's to the caller."""
+
+    global_step: int
+    current_epoch: int
+    callback_metrics: dict[str, float]
+    log_dir: str | None
+    checkpoint_path: str | None
+    #: the trained weights, set when the fit ran in another process than ``Trainer.fit``'s
+    state_dict: dict[str, torch.Tensor] | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class Trainer:
+    """Trains a :class:`torchplug.TrainingModule` with the selected plugins.
+
+    Plugin selection: ``plugins`` (entry-point names, plugin objects, modules) fill their roles
+    first; ``precision=16``/``"bf16"`` then picks ``native_amp`` (``apex`` with
+    ``amp_backend="apex"``) and ``accelerator="ddp"``/``strategy="ddp"``/``devices>1``/
+    ``num_nodes>1`` pick ``ddp`` for roles still empty. Everything is validated here, before
+    any work: a bad argument or a missing plugin raises with the fix.
+    """
+
+    def __init__(
+        self,
+        *,
+        plugins: Sequence[object] | object | None = None,
+        accelerator: str | None = None,
+        strategy: str | None = None,
+        devices: int | str | None = None,
+        num_nodes: int = 1,
+        precision: int | str = 32,
+        amp_backend: str = "native",
+        amp_level: str | None = None,
+        max_epochs: int | None = None,
+        max_steps: int = -1,
+        accumulate_grad_batches: int = 1,
+        gradient_clip_val: float = 0.0,
+        gradient_clip_norm_type: float = 2.0,
+        limit_train_batches: int | None = None,
+        limit_val_batches: int | None = None,
+        check_val_every_n_epoch: int = 1,
+        log_every_n_steps: int = 50,
+        enable_progress_bar: bool = True,
+        enable_checkpointing: bool = True,
+        logger: bool = True,
+        default_root_dir: str | os.PathLike[str] | None = None,
+        deterministic: bool = False,
+        on_nonfinite_loss: str = "error",
+        checkpoint_weights_only: bool = True,
+        blocked_plugins: Sequence[str] = (),
+        autoload_plugins: bool | None = None,
+    ) -> None:
+        self._init_args = {k: v for k, v in locals().items() if k not in ("self", "__class__")}
+        # Lightning 1.1 spelled the strategy as an accelerator: accelerator="ddp".
+        if accelerator not in ACCELERATORS:
+            if not isinstance(accelerator, str):
+                raise MisconfigurationError(f"accelerator must be a string such as 'cpu', 'gpu' or 'ddp', got {accelerator!r}")
+            if strategy is not None and strategy != accelerator:
+                raise MisconfigurationError(
+                    f"accelerator={accelerator!r} names a strategy and strategy={strategy!r} another; pass one."
+                )
+            strategy, accelerator = accelerator, None
+        self.accelerator: str | None = ACCELERATORS[accelerator]
+        if self.accelerator == "cuda" and not torch.cuda.is_available():
+            raise MisconfigurationError(
+                f"accelerator={accelerator!r} asks for CUDA, but torch.cuda.is_available() is False "
+                f"(torch {torch.__version__}). Use accelerator='cpu', or install a CUDA build of torch."
+            )
+        self.strategy = _check_type("strategy", strategy, (str, type(None)))
+        self.devices = _check_devices(devices)
+        self.num_nodes = _check_int("num_nodes", num_nodes, minimum=1)
+        if precision not in PRECISIONS:
+            raise MisconfigurationError(f"precision must be 32, 16 or 'bf16', got {precision!r}")
+        self.precision = PRECISIONS[precision]
+        if amp_backend not in AMP_BACKENDS:
+            raise MisconfigurationError(f"amp_backend must be 'native' or 'apex', got {amp_backend!r}")
+        self.amp_backend = amp_backend
+        if amp_level is not None and amp_level not in AMP_LEVELS:
+            raise MisconfigurationError(f"amp_level must be one of O0, O1, O2, O3, got {amp_level!r}")
+        if amp_level is not None and amp_backend != "apex":
+            raise MisconfigurationError("amp_level applies to amp_backend='apex' only; add amp_backend='apex' or drop amp_level.")
+        if amp_backend == "apex" and self.precision == "bf16":
+            raise MisconfigurationError("apex amp has no bf16 mode: use precision='bf16' with amp_backend='native'.")
+        self.amp_level = amp_level
+        if max_epochs is not None:
+            _check_int("max_epochs", max_epochs, minimum=1)
+        self.max_steps = _check_int("max_steps", max_steps, minimum=-1)
+        if self.max_steps == 0:
+            raise MisconfigurationError("max_steps must be positive, or -1 for no limit; got 0")
+        self.max_epochs = max_epochs if max_epochs is not None else (1000 if self.max_steps == -1 else None)
+        self.accumulate_grad_batches = _check_int("accumulate_grad_batches", accumulate_grad_batches, minimum=1)
+        self.gradient_clip_val = _check_number("gradient_clip_val", gradient_clip_val, minimum=0.0)
+        self.gradient_clip_norm_type = _check_number("gradient_clip_norm_type", gradient_clip_norm_type, minimum=0.0, exclusive=True)
+        self.limit_train_batches = None if limit_train_batches is None else _check_int("limit_train_batches", limit_train_batches, minimum=1)
+        self.limit_val_batches = None if limit_val_batches is None else _check_int("limit_val_batches", limit_val_batches, minimum=0)
+        self.check_val_every_n_epoch = _check_int("check_val_every_n_epoch", check_val_every_n_epoch, minimum=1)
+        self.log_every_n_steps = _check_int("log_every_n_steps", log_every_n_steps, minimum=1)
+        self.enable_progress_bar = _check_type("enable_progress_bar", enable_progress_bar, bool)
+        self.enable_checkpointing = _check_type("enable_checkpointing", enable_checkpointing, bool)
+        self.logger = _check_type("logger", logger, bool)
+        self.default_root_dir = Path(default_root_dir) if default_root_dir is not None else Path.cwd()
+        self.deterministic = _check_type("deterministic", deterministic, bool)
+        if on_nonfinite_loss not in NONFINITE:
+            raise MisconfigurationError(f"on_nonfinite_loss must be one of {NONFINITE}, got {on_nonfinite_loss!r}")
+        self.on_nonfinite_loss = on_nonfinite_loss
+        self.checkpoint_weights_only = _check_type("checkpoint_weights_only", checkpoint_weights_only, bool)
+
+        if plugins is None:
+            plugins = []
+        elif isinstance(plugins, (str, bytes)) or not isinstance(plugins, Sequence):
+            plugins = [plugins]
+        self.pm: PluginManager = get_plugin_manager(
+            list(plugins), role_defaults=self._role_defaults(), blocked=list(blocked_plugins), autoload=autoload_plugins
+        )
+        self.hooks = Hooks(self.pm)
+        self.hooks.check_configuration(trainer=self)
+
+        # Set by fit; Lightning's names.
+        self.global_step = 0
+        self.current_epoch = 0
+        self.callback_metrics: dict[str, float] = {}
+        self.world_size = 1
+        self.global_rank = 0
+        self.log_dir: str | None = None
+        self.checkpoint_path: str | None = None
+        self.optimizers: list[torch.optim.Optimizer] = []
+        self.lr_schedulers: list[Any] = []
+        self.model: nn.Module | None = None
+        self.launched_copy = False  # True in a process the launch hook started
+
+    # ---------------------------------------------------------------------------------------
+    @property
+    def is_global_zero(self) -> bool:
+        return self.global_rank == 0
+
+    @property
+    def plugin_names(self) -> list[str]:
+        """The active plugins, in registration order, without the built-in defaults."""
+        return [rec.name for rec in self.pm.records if rec.source != "builtin"]
+
+    def plugin_for(self, role: Role) -> object | None:
+        holders = self.pm.role_holders(role)
+        return holders[0].plugin if holders else None
+
+    def _role_defaults(self) -> dict[Role, str]:
+        roles: dict[Role, str] = {}
+        if self.precision != "32":
+            roles["precision"] = "apex" if self.amp_backend == "apex" else "native_amp"
+        wants_many = (isinstance(self.devices, int) and self.devices > 1) or self.num_nodes > 1
+        if self.strategy is not None:
+            if self.strategy not in ("single_device", "none"):
+                roles["strategy"] = self.strategy
+        elif wants_many:
+            roles["strategy"] = "ddp"
+        return roles
+
+    # ---------------------------------------------------------------------------------------
+    def fit(
+        self,
+        model: nn.Module,
+        train_dataloaders: Any = None,
+        val_dataloaders: Any = None,
+        ckpt_path: str | os.PathLike[str] | None = None,
+    ) -> None:
+        """Train ``model``; afterwards it holds the trained weights (also after multi-process
+        runs), and ``global_step``, ``current_epoch`` and ``callback_metrics`` are set."""
+        from torchplug.loop import check_module, resolve_loaders
+
+        check_module(model)
+        train_loader, val_loader = resolve_loaders(model, train_dataloaders, val_dataloaders)
+        resume = None
+        if ckpt_path is not None:
+            # Read (and validate) before any work: a corrupt file fails here.
+            resume = ckpt.load(ckpt_path, weights_only=self.checkpoint_weights_only)
+        function = functools.partial(self._fit_in_process, model, train_loader, val_loader, resume)
+        outcome: FitOutcome = self.hooks.launch(trainer=self, function=function)
+        if outcome.state_dict is not None:
+            model.load_state_dict(outcome.state_dict)
+        self.global_step = outcome.global_step
+        self.current_epoch = outcome.current_epoch
+        self.callback_metrics = dict(outcome.callback_metrics)
+        self.log_dir = outcome.log_dir
+        self.checkpoint_path = outcome.checkpoint_path
+        self.model = model
+
+    def _fit_in_process(self, model: nn.Module, train_loader: Any, val_loader: Any,
+                        resume: dict[str, Any] | None) -> FitOutcome:
+        from torchplug.loop import FitRun
+
+        with _sigterm_as_interrupt():
+            outcome = FitRun(self, model, train_loader, val_loader, resume).run()
+        if self.launched_copy and self.is_global_zero:
+            outcome.state_dict = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+        return outcome
+
+    def validate(self, model: nn.Module, dataloaders: Any = None) -> dict[str, float]:
+        """Run ``validation_step`` over ``dataloaders`` (or ``model.val_dataloader()``) in this
+        process and return the averaged metrics."""
+        from torchplug.loop import FitRun, check_module, resolve_loaders
+
+        check_module(model, need_validation=True)
+        _, val_loader = resolve_loaders(model, None, dataloaders, need_train=False)
+        return FitRun(self, model, None, val_loader, None).validate_only()
+
+    def save_checkpoint(self, path: str | os.PathLike[str]) -> None:
+        """Write a checkpoint of the last fit's state (only valid during or after ``fit``)."""
+        run = getattr(self, "_run", None)
+        if run is None:
+            raise MisconfigurationError("save_checkpoint needs a model that this Trainer has fitted; call fit first.")
+        run.save_checkpoint(Path(path))
+
+    # Pickling (for worker processes): plugins and hooks are rebuilt from the arguments.
+    def __getstate__(self) -> dict[str, Any]:
+        return {"init_args": self._init_args}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__init__(**state["init_args"])  # type: ignore[misc]
+        self.launched_copy = True
+
+
+@contextmanager
+def _sigterm_as_interrupt() -> Iterator[None]:
+    """Turn SIGTERM into KeyboardInterrupt during fit, so both shut down the same clean way."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt(f"signal {signal.Signals(signum).name}")
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _check_type(name: str, value: Any, types: type | tuple[type, ...]) -> Any:
+    if not isinstance(value, types):
+        expected = " or ".join(t.__name__ for t in (types if isinstance(types, tuple) else (types,)))
+        raise MisconfigurationError(f"{name} must be {expected}, got {value!r} ({type(value).__name__})")
+    return value
+
+
+def _check_int(name: str, value: Any, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise MisconfigurationError(f"{name} must be an integer, got {value!r} ({type(value).__name__})")
+    if value < minimum:
+        raise MisconfigurationError(f"{name} must be >= {minimum}, got {value}")
+    return value
+
+
+def _check_number(name: str, value: Any, minimum: float, exclusive: bool = False) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value:
+        raise MisconfigurationError(f"{name} must be a number, got {value!r}")
+    if value < minimum or (exclusive and value == minimum):
+        raise MisconfigurationError(f"{name} must be {'>' if exclusive else '>='} {minimum}, got {value}")
+    return float(value)
+
+
+def _check_devices(devices: Any) -> int | str | None:
+    if devices is None or devices == "auto":
+        return None
+    if isinstance(devices, bool) or not isinstance(devices, int) or devices < 1:
+        raise MisconfigurationError(f"devices must be a positive integer or 'auto', got {devices!r}")
+    return devices
+
+
+__all__ = ["FitOutcome", "PluginError", "Trainer"]
