@@ -17,25 +17,55 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
+from typing import TYPE_CHECKING, Any
+
 from torchplug.errors import (
     CheckpointError,
     MisconfigurationError,
     NonFiniteLossError,
+    PluginBlockedError,
     PluginConflictError,
     PluginError,
     PluginHookError,
+    PluginIncompatibleError,
     PluginLoadError,
     PluginNotFoundError,
     PluginValidationError,
     TorchplugError,
 )
 from torchplug.hookspecs import hookimpl, hookspec
-from torchplug.manager import PluginManager, get_plugin_manager
-from torchplug.module import TrainingModule
 from torchplug.plugin import Plugin
-from torchplug.seed import seed_everything
-from torchplug.trainer import FitOutcome, Trainer
-from torchplug.wrappers import TrainingStepModule
+
+if TYPE_CHECKING:
+    from torchplug.manager import PluginManager, get_plugin_manager
+    from torchplug.module import TrainingModule
+    from torchplug.seed import seed_everything
+    from torchplug.trainer import FitOutcome, Trainer
+    from torchplug.wrappers import TrainingStepModule
+
+# Names that need torch load on first use, so `import torchplug` (and `torchplug plugins`, which
+# only reads metadata) does not pay for importing torch.
+_LAZY = {
+    "PluginManager": "torchplug.manager",
+    "get_plugin_manager": "torchplug.manager",
+    "TrainingModule": "torchplug.module",
+    "seed_everything": "torchplug.seed",
+    "FitOutcome": "torchplug.trainer",
+    "Trainer": "torchplug.trainer",
+    "TrainingStepModule": "torchplug.wrappers",
+}
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'torchplug' has no attribute {name!r}")
+    import importlib
+
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
 
 __all__ = [
     "CheckpointError",
@@ -43,9 +73,11 @@ __all__ = [
     "MisconfigurationError",
     "NonFiniteLossError",
     "Plugin",
+    "PluginBlockedError",
     "PluginConflictError",
     "PluginError",
     "PluginHookError",
+    "PluginIncompatibleError",
     "PluginLoadError",
     "PluginManager",
     "PluginNotFoundError",

@@ -2,7 +2,9 @@
 
 A checkpoint is a dict of tensors, numbers, strings and containers only, so loading it never
 runs pickled code. It is written to a temporary file in the same folder, fsynced, then
-renamed over the target: a crash mid-write leaves the previous checkpoint intact.
+renamed over the target (and the folder fsynced): a crash or a kill mid-write leaves the
+previous checkpoint intact. Reading checks the zip container's CRCs first, so a truncated
+or bit-flipped file is refused instead of silently loading damaged tensors.
 """
 
 from __future__ import annotations
@@ -10,25 +12,31 @@ from __future__ import annotations
 import os
 import pickle
 import random
+import secrets
 import sys
-import tempfile
 import zipfile
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 
 from torchplug.errors import CheckpointError
 
 FORMAT_VERSION = 1
 REQUIRED_KEYS = ("torchplug_checkpoint", "state_dict", "optimizer_states", "global_step", "epoch")
+TMP_SUFFIX = ".tmp"
 
 
 def save(checkpoint: dict[str, Any], path: str | os.PathLike[str]) -> Path:
     """Write ``checkpoint`` to ``path`` atomically (write, fsync, rename, fsync the folder)."""
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    remove_stale_temporaries(target)
+    tmp = target.with_name(f".{target.name}.{os.getpid()}.{secrets.token_hex(4)}{TMP_SUFFIX}")
+    # os.open with 0o666 gives the umask's permissions (mkstemp would make it 0600).
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
     try:
         with os.fdopen(fd, "wb") as f:
             torch.save(checkpoint, f)
@@ -36,14 +44,47 @@ def save(checkpoint: dict[str, Any], path: str | os.PathLike[str]) -> Path:
             os.fsync(f.fileno())
         os.replace(tmp, target)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
         raise
-    dir_fd = os.open(target.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
+    if os.name == "posix":  # make the rename itself durable
+        dir_fd = os.open(target.parent, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
     return target
+
+
+def remove_stale_temporaries(target: Path) -> list[Path]:
+    """Delete temporaries of ``target`` left by writers that were killed mid-write (their
+    process no longer exists); a live writer's temporary is left alone."""
+    removed = []
+    for tmp in target.parent.glob(f".{glob_escape(target.name)}.*{TMP_SUFFIX}"):
+        pid_text = tmp.name[len(target.name) + 2:].split(".", 1)[0]
+        if not pid_text.isdigit() or int(pid_text) == os.getpid() or _alive(int(pid_text)):
+            continue
+        try:
+            tmp.unlink()
+            removed.append(tmp)
+        except OSError:
+            pass
+    return removed
+
+
+def glob_escape(name: str) -> str:
+    return "".join(f"[{c}]" if c in "*?[" else c for c in name)
+
+
+def _alive(pid: int) -> bool:
+    if os.name != "posix":
+        return True  # no cheap check: keep it
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def load(path: str | os.PathLike[str], *, weights_only: bool = True) -> dict[str, Any]:
@@ -55,33 +96,85 @@ def load(path: str | os.PathLike[str], *, weights_only: bool = True) -> dict[str
     """
     path = Path(path)
     if not path.is_file():
-        raise CheckpointError(f"Checkpoint {path} does not exist.")
+        raise CheckpointError(f"Checkpoint {path} does not exist (or is not a file).")
+    _check_container(path)
     try:
         data = torch.load(path, map_location="cpu", weights_only=weights_only)
     except pickle.UnpicklingError as exc:
+        if weights_only and "global" in str(exc).lower():
+            detail = str(exc).strip().splitlines()[-3:]
+            raise CheckpointError(
+                f"Checkpoint {path} holds pickled objects that weights_only loading refuses "
+                f"({' '.join(line.strip() for line in detail)[:300]}). If you trust the file, "
+                "load it with Trainer(checkpoint_weights_only=False): unpickling can run arbitrary code."
+            ) from exc
+        raise CheckpointError(f"Checkpoint {path} is corrupt: {type(exc).__name__}: {str(exc)[:300]}") from exc
+    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError, KeyError, IndexError) as exc:
         raise CheckpointError(
-            f"Checkpoint {path} holds objects that weights_only loading refuses ({exc}). "
-            "If you trust the file, load it with Trainer(checkpoint_weights_only=False)."
+            f"Checkpoint {path} is corrupt or truncated: {type(exc).__name__}: {str(exc)[:300]}"
         ) from exc
-    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as exc:
-        raise CheckpointError(f"Checkpoint {path} is corrupt or truncated: {type(exc).__name__}: {exc}") from exc
     if not isinstance(data, dict) or any(key not in data for key in REQUIRED_KEYS):
         raise CheckpointError(
-            f"{path} is not a torchplug checkpoint (expected the keys {', '.join(REQUIRED_KEYS)})."
+            f"{path} is not a torchplug checkpoint (expected a dict with the keys {', '.join(REQUIRED_KEYS)})."
         )
-    if data["torchplug_checkpoint"] > FORMAT_VERSION:
+    version = data["torchplug_checkpoint"]
+    if not isinstance(version, int) or isinstance(version, bool):
+        raise CheckpointError(f"{path} is not a torchplug checkpoint (format {version!r}).")
+    if version > FORMAT_VERSION:
         raise CheckpointError(
-            f"Checkpoint {path} has format {data['torchplug_checkpoint']}, newer than this torchplug "
-            f"reads ({FORMAT_VERSION}); upgrade torchplug."
+            f"Checkpoint {path} has format {version}, newer than this torchplug reads ({FORMAT_VERSION}); "
+            "upgrade torchplug."
         )
     return data
 
 
+def _check_container(path: Path) -> None:
+    """``torch.save`` writes a zip archive with a CRC per record: check them all, so a
+    truncated or damaged file fails here with a clear message (a flipped byte inside a tensor
+    would otherwise load silently)."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            bad = archive.testzip()
+    except (zipfile.BadZipFile, OSError, EOFError, ValueError) as exc:
+        size = path.stat().st_size
+        raise CheckpointError(
+            f"Checkpoint {path} is corrupt or truncated ({size} bytes; not a complete torch.save archive: {exc})."
+        ) from exc
+    if bad is not None:
+        raise CheckpointError(f"Checkpoint {path} is corrupt: record {bad!r} fails its CRC check.")
+
+
+def check_matches(checkpoint: Mapping[str, Any], model: nn.Module, path: str | os.PathLike[str]) -> None:
+    """Refuse a checkpoint whose weights do not fit ``model`` (names and shapes), before any work."""
+    saved = checkpoint["state_dict"]
+    if not isinstance(saved, Mapping):
+        raise CheckpointError(f"Checkpoint {path} has no model state_dict.")
+    own = model.state_dict()
+    missing = [k for k in own if k not in saved]
+    unexpected = [k for k in saved if k not in own]
+    shapes = [
+        f"{k}: checkpoint {tuple(saved[k].shape)} vs model {tuple(v.shape)}"
+        for k, v in own.items()
+        if isinstance(saved.get(k), torch.Tensor) and isinstance(v, torch.Tensor) and saved[k].shape != v.shape
+    ]
+    if missing or unexpected or shapes:
+        parts = []
+        if missing:
+            parts.append(f"missing {missing[:5]}{' ...' if len(missing) > 5 else ''}")
+        if unexpected:
+            parts.append(f"unexpected {unexpected[:5]}{' ...' if len(unexpected) > 5 else ''}")
+        if shapes:
+            parts.append("shape mismatch " + "; ".join(shapes[:5]))
+        raise CheckpointError(
+            f"Checkpoint {path} does not match {type(model).__name__}: {', '.join(parts)}."
+        )
+
+
 def rng_states() -> dict[str, Any]:
-    """Every random generator's state, in a weights_only-loadable form."""
+    """Every global random generator's state, in a weights_only-loadable form."""
     version, internal, gauss = random.getstate()
     states: dict[str, Any] = {"torch": torch.get_rng_state(), "python": [version, list(internal), gauss]}
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
+    if torch.cuda.is_available() and torch.cuda.is_initialized():  # type: ignore[no-untyped-call]
         states["cuda"] = torch.cuda.get_rng_state_all()
     numpy = sys.modules.get("numpy")
     if numpy is not None:
@@ -90,12 +183,13 @@ def rng_states() -> dict[str, Any]:
     return states
 
 
-def set_rng_states(states: dict[str, Any]) -> None:
+def set_rng_states(states: Mapping[str, Any]) -> None:
     torch.set_rng_state(states["torch"])
     version, internal, gauss = states["python"]
     random.setstate((version, tuple(internal), gauss))
     if "cuda" in states and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(states["cuda"])
+        for index, state in enumerate(states["cuda"][: torch.cuda.device_count()]):
+            torch.cuda.set_rng_state(state, index)
     numpy = sys.modules.get("numpy")
     if numpy is not None and "numpy" in states:
         kind, keys, pos, has_gauss, cached = states["numpy"]

@@ -28,7 +28,16 @@ class PluginValidationError(PluginError, TypeError):
 
 
 class PluginConflictError(PluginError):
-    """Two plugins claim the same role (precision or strategy)."""
+    """Two plugins claim the same role (precision or strategy), or two distributions provide
+    the same plugin name."""
+
+
+class PluginIncompatibleError(PluginError):
+    """A plugin whose declared ``torchplug`` requirement excludes the installed core."""
+
+
+class PluginBlockedError(PluginError):
+    """A plugin selected by name that ``TORCHPLUG_BLOCK_PLUGINS`` or ``blocked_plugins=`` blocks."""
 
 
 class PluginHookError(PluginError):

@@ -50,11 +50,11 @@ class Hooks:
             firstresult = bool(hook.spec and hook.spec.opts.get("firstresult"))
             caller: Caller
             if name == "on_before_forward":
-                caller = _chained(impls)
+                caller = _chained(name, impls, trace)
             elif trace:
                 caller = _traced(name, hook, impls, firstresult)
             else:
-                caller = _fast(hook, impls)
+                caller = _fast(hook, impls, firstresult)
             setattr(self, name, caller)
 
     def blame(self, exc: BaseException) -> tuple[str, str] | None:
@@ -115,32 +115,52 @@ class Hooks:
     on_exception: Caller
 
 
-def _noop(**kwargs: Any) -> None:
+def _noop_first(**kwargs: Any) -> None:
     return None
 
 
-def _fast(hook: pluggy.HookCaller, impls: list[pluggy.HookImpl]) -> Caller:
+def _noop_all(**kwargs: Any) -> list[Any]:
+    return []
+
+
+def _fast(hook: pluggy.HookCaller, impls: list[pluggy.HookImpl], firstresult: bool) -> Caller:
+    """pluggy's result for this hook, without pluggy's per-call machinery where it is not needed."""
     if not impls:
-        return _noop
+        return _noop_first if firstresult else _noop_all
     if len(impls) == 1 and not (impls[0].wrapper or impls[0].hookwrapper):
         function, argnames = impls[0].function, impls[0].argnames
+        if firstresult:
+            def direct(**kwargs: Any) -> Any:
+                return function(*[kwargs[a] for a in argnames])
 
-        def direct(**kwargs: Any) -> Any:
-            return function(*[kwargs[a] for a in argnames])
+            return direct
 
-        return direct
+        def direct_all(**kwargs: Any) -> list[Any]:
+            result = function(*[kwargs[a] for a in argnames])
+            return [] if result is None else [result]
+
+        return direct_all
     return hook
 
 
-def _chained(impls: list[pluggy.HookImpl]) -> Caller:
-    # pluggy's call order is the reverse of get_hookimpls() (tryfirst … trylast).
-    steps = [(impl.function, impl.argnames) for impl in reversed(impls)]
+def _chained(name: str, impls: list[pluggy.HookImpl], trace: bool) -> Caller:
+    # pluggy's call order is the reverse of get_hookimpls() (tryfirst … normal … trylast).
+    steps = [(impl.plugin_name, impl.function, impl.argnames) for impl in reversed(impls)]
 
     def chain(*, model: Any, args: tuple[Any, ...]) -> tuple[Any, ...]:
-        for function, argnames in steps:
+        for plugin_name, function, argnames in steps:
             kwargs = {"model": model, "args": args}
+            start = time.perf_counter() if trace else 0.0
             result = function(*[kwargs[a] for a in argnames])
+            if trace:
+                trace_logger.info("%s: %s returned %s in %.1f us", name, plugin_name,
+                                  "unchanged" if result is None else "new args", (time.perf_counter() - start) * 1e6)
             if result is not None:
+                if not isinstance(result, tuple):
+                    raise TypeError(
+                        f"Plugin '{plugin_name}': {name} must return the step arguments as a tuple "
+                        f"(e.g. (batch, batch_idx)) or None for unchanged, got {type(result).__name__}"
+                    )
                 args = result
         return args
 
@@ -149,28 +169,33 @@ def _chained(impls: list[pluggy.HookImpl]) -> Caller:
 
 def _traced(name: str, hook: pluggy.HookCaller, impls: list[pluggy.HookImpl], firstresult: bool) -> Caller:
     if any(impl.wrapper or impl.hookwrapper for impl in impls):
+        plugins = ", ".join(impl.plugin_name for impl in reversed(impls))
+
         def via_pluggy(**kwargs: Any) -> Any:
             start = time.perf_counter()
             result = hook(**kwargs)
-            trace_logger.info("%s -> wrapped (%s) %.1f us", name,
-                              ", ".join(i.plugin_name for i in impls), (time.perf_counter() - start) * 1e6)
+            trace_logger.info("%s: wrapped call through %s in %.1f us", name, plugins,
+                              (time.perf_counter() - start) * 1e6)
             return result
 
         return via_pluggy
 
-    ordered = list(reversed(impls))
+    ordered = [(impl.plugin_name, impl.function, impl.argnames) for impl in reversed(impls)]
 
     def traced(**kwargs: Any) -> Any:
+        if not ordered:
+            trace_logger.info("%s: no implementation", name)
         results = []
-        for impl in ordered:
+        for plugin_name, function, argnames in ordered:
             start = time.perf_counter()
-            result = impl.function(*[kwargs[a] for a in impl.argnames])
-            trace_logger.info("%s -> %s %.1f us%s", name, impl.plugin_name,
-                              (time.perf_counter() - start) * 1e6,
-                              " (answered)" if firstresult and result is not None else "")
+            result = function(*[kwargs[a] for a in argnames])
+            elapsed = (time.perf_counter() - start) * 1e6
+            if firstresult and result is not None:
+                trace_logger.info("%s: answered by %s in %.1f us", name, plugin_name, elapsed)
+                return result
+            trace_logger.info("%s: %s %s in %.1f us", name, plugin_name,
+                              "deferred" if firstresult else "ran", elapsed)
             if result is not None:
-                if firstresult:
-                    return result
                 results.append(result)
         return None if firstresult else results
 

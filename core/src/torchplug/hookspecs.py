@@ -14,7 +14,8 @@ Calling conventions (pluggy calls every hook by keyword):
 
 * **firstresult**: implementations run from the most recently registered plugin to the core's
   built-in defaults (registered ``trylast``); the first one that returns something other than
-  ``None`` decides. Return ``None`` to defer to the next plugin.
+  ``None`` decides. Return ``None`` to defer to the next plugin (hence the ``X | None``
+  return types: callers always get an ``X``, from a plugin or from the defaults).
 * **all called**: every implementation runs; return values are ignored.
 * **chained** (``on_before_forward`` only): every implementation runs in call order and receives
   what the previous one returned (``None`` means "unchanged").
@@ -107,7 +108,7 @@ def setup_environment(trainer: Trainer) -> None:
 
 
 @hookspec(firstresult=True)
-def world_size() -> int:
+def world_size() -> int | None:
     """Number of data-parallel processes taking part in the run.
 
     :returns: the world size. Default: 1.
@@ -119,7 +120,7 @@ def world_size() -> int:
 
 
 @hookspec(firstresult=True)
-def global_rank() -> int:
+def global_rank() -> int | None:
     """Rank of this process among all data-parallel processes.
 
     :returns: the rank, 0-based. Default: 0.
@@ -129,7 +130,7 @@ def global_rank() -> int:
 
 
 @hookspec(firstresult=True)
-def root_device(trainer: Trainer, model: nn.Module) -> torch.device:
+def root_device(trainer: Trainer, model: nn.Module) -> torch.device | None:
     """The device this process trains on.
 
     :param trainer: the Trainer; ``trainer.accelerator`` is ``"cpu"``, ``"cuda"`` or ``None``.
@@ -211,7 +212,7 @@ def configure_apex(
 
 
 @hookspec(firstresult=True)
-def configure_ddp(model: nn.Module, device_ids: list[int] | None) -> nn.Module:
+def configure_ddp(model: nn.Module, device_ids: list[int] | None) -> nn.Module | None:
     """Wrap the model for data-parallel training.
 
     :param model: the user's module after ``connect_precision``.
@@ -231,7 +232,7 @@ def configure_ddp(model: nn.Module, device_ids: list[int] | None) -> nn.Module:
 
 
 @hookspec(firstresult=True)
-def get_model_from_plugin(model: nn.Module) -> nn.Module:
+def get_model_from_plugin(model: nn.Module) -> nn.Module | None:
     """Unwrap what ``configure_ddp`` returned.
 
     :param model: the wrapped module.
@@ -270,7 +271,7 @@ def on_before_forward(model: nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...
 
 
 @hookspec(firstresult=True)
-def block_backward_sync(model: nn.Module) -> AbstractContextManager[Any]:
+def block_backward_sync(model: nn.Module) -> AbstractContextManager[Any] | None:
     """A context manager that stops gradient synchronisation between processes.
 
     :param model: the module returned by ``configure_ddp``.
@@ -284,7 +285,7 @@ def block_backward_sync(model: nn.Module) -> AbstractContextManager[Any]:
 
 
 @hookspec(firstresult=True)
-def forward_context(model: nn.Module) -> AbstractContextManager[Any]:
+def forward_context(model: nn.Module) -> AbstractContextManager[Any] | None:
     """A context manager for the forward pass (precision: autocast).
 
     :param model: the module that will run the step.
@@ -324,7 +325,7 @@ def unscale_gradients(optimizer: Optimizer) -> None:
 
 
 @hookspec(firstresult=True)
-def clip_gradients(grad_clip_val: float, optimizer: Optimizer, norm_type: float) -> torch.Tensor:
+def clip_gradients(grad_clip_val: float, optimizer: Optimizer, norm_type: float) -> torch.Tensor | None:
     """Clip the gradients of ``optimizer``'s parameters to a total norm.
 
     :param grad_clip_val: the maximum total norm (``gradient_clip_val``), > 0.
@@ -339,7 +340,7 @@ def clip_gradients(grad_clip_val: float, optimizer: Optimizer, norm_type: float)
 
 
 @hookspec(firstresult=True)
-def optimizer_step(optimizers: list[Optimizer]) -> bool:
+def optimizer_step(optimizers: list[Optimizer]) -> bool | None:
     """Step every optimizer once for this window (precision: skip on inf).
 
     :param optimizers: all optimizers of the run.
@@ -389,7 +390,7 @@ def broadcast(obj: Any, src: int) -> Any:
 
 
 @hookspec(firstresult=True)
-def reduce(tensor: torch.Tensor, op: str) -> torch.Tensor:
+def reduce(tensor: torch.Tensor, op: str) -> torch.Tensor | None:
     """Reduce a tensor over all processes.
 
     :param tensor: a tensor on the root device.
@@ -411,6 +412,8 @@ def on_fit_start(trainer: Trainer, model: nn.Module) -> None:
 
     :param trainer: the Trainer.
     :param model: the user's module.
+
+    Convention: all called, once per process, after setup and before the first step.
     """
 
 
@@ -420,6 +423,8 @@ def on_train_epoch_start(trainer: Trainer, epoch: int) -> None:
 
     :param trainer: the Trainer.
     :param epoch: the 0-based epoch.
+
+    Convention: all called, at the start of every epoch, before its first batch.
     """
 
 
@@ -429,6 +434,9 @@ def on_before_optimizer_step(trainer: Trainer, optimizer: Optimizer) -> None:
 
     :param trainer: the Trainer.
     :param optimizer: the optimizer about to step.
+
+    Convention: all called, once per optimizer at every window's end, after
+    ``unscale_gradients`` and before ``clip_gradients``.
     """
 
 
@@ -440,6 +448,8 @@ def on_train_batch_end(trainer: Trainer, outputs: Any, batch: Any, batch_idx: in
     :param outputs: what ``training_step`` returned.
     :param batch: the batch, after ``on_before_forward``.
     :param batch_idx: its index in the epoch.
+
+    Convention: all called, after every micro-batch.
     """
 
 
@@ -449,6 +459,8 @@ def on_train_epoch_end(trainer: Trainer, epoch: int) -> None:
 
     :param trainer: the Trainer.
     :param epoch: the 0-based epoch.
+
+    Convention: all called, at the end of every epoch.
     """
 
 
@@ -458,6 +470,8 @@ def on_validation_end(trainer: Trainer, metrics: dict[str, float]) -> None:
 
     :param trainer: the Trainer.
     :param metrics: the validation metrics, averaged over batches and processes.
+
+    Convention: all called, after every validation run, on every process.
     """
 
 
@@ -469,6 +483,8 @@ def on_save_checkpoint(trainer: Trainer, checkpoint: dict[str, Any]) -> None:
     :param checkpoint: the dict about to be saved. Add state under a key of your own (e.g.
         ``checkpoint["native_amp"] = scaler.state_dict()``) made of tensors, numbers, strings,
         lists, tuples and dicts only: checkpoints are loaded with ``weights_only=True``.
+
+    Convention: all called, each time a checkpoint is built, before it is written.
     """
 
 
@@ -479,6 +495,8 @@ def on_load_checkpoint(trainer: Trainer, checkpoint: dict[str, Any]) -> None:
     :param trainer: the Trainer.
     :param checkpoint: the loaded dict. Called after ``connect_precision`` (apex requires
         initialise-then-load).
+
+    Convention: all called, once per process, when a fit resumes from ``ckpt_path``.
     """
 
 
@@ -488,6 +506,8 @@ def on_fit_end(trainer: Trainer, model: nn.Module) -> None:
 
     :param trainer: the Trainer.
     :param model: the user's module with the trained weights.
+
+    Convention: all called, once per process, after the last step and validation.
     """
 
 
@@ -497,6 +517,8 @@ def on_exception(trainer: Trainer, exception: BaseException) -> None:
 
     :param trainer: the Trainer.
     :param exception: the exception; it is re-raised after every implementation ran.
+
+    Convention: all called, once per process, before ``teardown_environment``.
     """
 
 

@@ -9,14 +9,30 @@ step happens. Per micro-batch::
         → clip_gradients (gradient_clip_val > 0)
     → optimizer_step (may be skipped) → zero_grad(set_to_none=True)
     → LR schedulers (interval "step"; not after a skipped step) → on_train_batch_end
+
+Per epoch: ``on_train_epoch_start`` → the micro-batches → ``on_train_epoch_end`` →
+validation (``on_validation_end``) → LR schedulers (interval "epoch") → checkpoint.
+
+Counters follow Lightning: ``global_step`` counts optimizer steps (windows), including steps a
+precision plugin skipped; ``current_epoch`` counts completed epochs.
+
+Stopping: SIGTERM and Ctrl-C (single process, default handlers) ask the loop to stop at the
+end of the current optimizer step; it then writes ``last.ckpt`` (when checkpointing is on)
+and raises ``KeyboardInterrupt``. A second signal stops at once.
 """
 
 from __future__ import annotations
 
+import math
+import signal
+import sys
+import threading
 import time
-from contextlib import nullcontext
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol, cast
 
 import torch
 from torch import nn
@@ -27,15 +43,28 @@ from torchplug import checkpoint as ckpt
 from torchplug.errors import CheckpointError, MisconfigurationError, NonFiniteLossError
 from torchplug.metrics import CSVLogger, ProgressBar, to_floats
 from torchplug.module import MetricStore
+from torchplug.wrappers import TrainingStepModule
 
 if TYPE_CHECKING:
     from torchplug.trainer import FitOutcome, Trainer
 
 
+class StepModule(Protocol):
+    """What the loop calls on the user's module (``nn.Module.__getattr__`` hides it from mypy)."""
+
+    def training_step(self, batch: Any, batch_idx: int) -> Any: ...
+
+    def validation_step(self, batch: Any, batch_idx: int) -> Any: ...
+
+    def configure_optimizers(self) -> Any: ...
+
+
 def check_module(model: Any, need_validation: bool = False) -> None:
     """Refuse a model the loop cannot train, naming what is missing."""
     if not isinstance(model, nn.Module):
-        raise MisconfigurationError(f"fit() needs a torch.nn.Module (a torchplug.TrainingModule), got {type(model).__name__}")
+        raise MisconfigurationError(
+            f"Expected a torch.nn.Module (a torchplug.TrainingModule), got {type(model).__name__}"
+        )
     needed = ["validation_step"] if need_validation else ["training_step", "configure_optimizers"]
     for name in needed:
         method = getattr(model, name, None)
@@ -53,18 +82,21 @@ def _is_base_stub(model: nn.Module, name: str) -> bool:
 
 
 def resolve_loaders(model: nn.Module, train: Any, val: Any, need_train: bool = True) -> tuple[Any, Any]:
+    """The train and validation loaders: given, or from the module's ``*_dataloader()``;
+    refused before any work when missing, not iterable or empty."""
     if train is None and need_train:
         train = _call_optional(model, "train_dataloader")
         if train is None:
             raise MisconfigurationError(
-                f"No training data: pass fit(model, train_dataloaders=...) or define {type(model).__name__}.train_dataloader()."
+                "No training data: pass fit(model, train_dataloaders=...) or define "
+                f"{type(model).__name__}.train_dataloader()."
             )
     if val is None:
         val = _call_optional(model, "val_dataloader")
     for name, loader in (("train_dataloaders", train), ("val_dataloaders", val)):
         if loader is None:
             continue
-        if not hasattr(loader, "__iter__"):
+        if not hasattr(loader, "__iter__") or isinstance(loader, (str, bytes, dict)):
             raise MisconfigurationError(f"{name} must be iterable (a DataLoader), got {type(loader).__name__}")
         try:
             empty = len(loader) == 0
@@ -93,6 +125,7 @@ class FitRun:
         self.hooks = trainer.hooks
         self.module = module  # the user's module
         self.model: nn.Module = module  # what configure_ddp returned
+        self.device = torch.device("cpu")
         self.train_loader = train_loader
         self.val_loader = val_loader
         self.resume = resume
@@ -109,21 +142,28 @@ class FitRun:
         self.progress = ProgressBar(False)
         self.log_dir: Path | None = None
         self.last_checkpoint: Path | None = None
-        trainer._run = self  # type: ignore[attr-defined]  # for trainer.save_checkpoint
+        self._saved_at: tuple[int, int, int] | None = None
+        self._created: list[Path] = []  # folders this run made, removed again if it fails empty
+        #: set by the first SIGTERM/SIGINT; the loop stops at the end of the current step
+        self.stop_signal: int | None = None
 
     # -- setup -------------------------------------------------------------------------------
     def setup(self) -> None:
         trainer, hooks, module = self.trainer, self.hooks, self.module
-        if trainer.deterministic:
-            torch.use_deterministic_algorithms(True)
+        trainer.global_step = trainer.current_epoch = 0
+        trainer.callback_metrics = self.callback_metrics
         hooks.setup_environment(trainer=trainer)
         trainer.world_size = hooks.world_size()
         trainer.global_rank = hooks.global_rank()
+        if trainer.on_nonfinite_loss == "skip" and trainer.world_size > 1:
+            raise MisconfigurationError(
+                f"on_nonfinite_loss='skip' cannot run on {trainer.world_size} processes: a rank that skips a "
+                "backward would desynchronise the gradient all-reduce. Use 'error' or 'ignore'."
+            )
         device = hooks.root_device(trainer=trainer, model=module)
         self.device = device
         module.to(device)
-        if hasattr(module, "_attach_metrics"):
-            module._attach_metrics(self.metrics)
+        _attach_metrics(module, self.metrics)
         self.optimizers, self.schedulers = _configure_optimizers(module)
         trainer.optimizers = self.optimizers
         trainer.lr_schedulers = [s["scheduler"] for s in self.schedulers]
@@ -135,10 +175,12 @@ class FitRun:
         self.model = hooks.configure_ddp(
             model=module, device_ids=[device.index or 0] if device.type == "cuda" else None
         )
+        if self.model is not module:
+            self.module = _unwrap(hooks.get_model_from_plugin(model=self.model), self.model, module)
         self.train_loader = _distributed_loader(self.train_loader, trainer, shuffle_default=True)
         self.val_loader = _distributed_loader(self.val_loader, trainer, shuffle_default=False)
         if trainer.is_global_zero and (trainer.logger or trainer.enable_checkpointing):
-            self.log_dir = _new_version_dir(trainer.default_root_dir / "torchplug_logs")
+            self.log_dir = self._new_version_dir(trainer.default_root_dir / "torchplug_logs")
             if trainer.logger:
                 self.csv = CSVLogger(self.log_dir)
         self.progress = ProgressBar(trainer.enable_progress_bar and trainer.is_global_zero)
@@ -148,12 +190,13 @@ class FitRun:
     # -- the loop ----------------------------------------------------------------------------
     def train(self) -> None:
         trainer, hooks, module, model = self.trainer, self.hooks, self.module, self.model
-        optimizers, metrics = self.optimizers, self.metrics
+        optimizers = self.optimizers
         accumulate, clip = trainer.accumulate_grad_batches, trainer.gradient_clip_val
         norm_type, max_steps = trainer.gradient_clip_norm_type, trainer.max_steps
+        log_every = trainer.log_every_n_steps
         step_schedulers = [s["scheduler"] for s in self.schedulers if s["interval"] == "step"]
         # A wrapper from configure_ddp runs training_step itself (inside DDP's forward).
-        training_step = module.training_step if model is module else model
+        training_step = cast(StepModule, module).training_step if model is module else model
         check_loss = trainer.on_nonfinite_loss != "ignore"
         no_sync = nullcontext()
 
@@ -161,52 +204,59 @@ class FitRun:
         while not self._finished():
             epoch = self.epoch
             n_batches = _num_batches(self.train_loader, trainer.limit_train_batches)
-            batches = self._epoch_batches(epoch)
             hooks.on_train_epoch_start(trainer=trainer, epoch=epoch)
-            self.progress.start_epoch(epoch, n_batches)
+            self.progress.start_epoch(epoch, n_batches, initial=self.batch_in_epoch)
             model.train()
-            for batch_idx, batch in batches:
-                window_start = batch_idx - batch_idx % accumulate
-                window_len = min(accumulate, n_batches - window_start) if n_batches else accumulate
-                window_end = batch_idx + 1 == window_start + window_len
+            pending = 0  # micro-batches of the open window that ran backward
+            window_start = self.batch_in_epoch
+            for batch_idx, batch, last in self._epoch_batches(epoch, n_batches):
+                if batch_idx - window_start >= accumulate:
+                    window_start = batch_idx
+                window_len = accumulate if n_batches is None else min(accumulate, n_batches - window_start)
+                window_end = last or batch_idx + 1 - window_start >= window_len
                 args = hooks.on_before_forward(model=model, args=(batch, batch_idx))
                 with no_sync if window_end else hooks.block_backward_sync(model=model):
                     with hooks.forward_context(model=model):
                         output = training_step(*args)
                     loss = _loss_of(output, batch_idx, epoch)
-                    if check_loss and not bool(torch.isfinite(loss)):
-                        if trainer.on_nonfinite_loss == "error":
-                            raise NonFiniteLossError(
-                                f"training_step returned a non-finite loss ({loss.item()}) at epoch {epoch}, "
-                                f"batch {batch_idx}, global step {self.global_step}. Pass "
-                                "Trainer(on_nonfinite_loss='skip') to skip such batches."
-                            )
+                    if check_loss and not math.isfinite(loss.item()):
+                        self._nonfinite(loss, batch_idx, epoch)
                     else:
                         hooks.backward(loss=loss / window_len if window_len > 1 else loss,
                                        optimizers=optimizers, model=model)
+                        pending += 1
                 if window_end:
-                    for optimizer in optimizers:
-                        hooks.unscale_gradients(optimizer=optimizer)
-                        hooks.on_before_optimizer_step(trainer=trainer, optimizer=optimizer)
-                        if clip > 0:
-                            hooks.clip_gradients(grad_clip_val=clip, optimizer=optimizer, norm_type=norm_type)
-                    stepped = hooks.optimizer_step(optimizers=optimizers)
-                    for optimizer in optimizers:
-                        optimizer.zero_grad(set_to_none=True)
+                    stepped = False
+                    if pending:
+                        for optimizer in optimizers:
+                            hooks.unscale_gradients(optimizer=optimizer)
+                            hooks.on_before_optimizer_step(trainer=trainer, optimizer=optimizer)
+                            if clip > 0:
+                                hooks.clip_gradients(grad_clip_val=clip, optimizer=optimizer, norm_type=norm_type)
+                        stepped = hooks.optimizer_step(optimizers=optimizers)
+                        for optimizer in optimizers:
+                            optimizer.zero_grad(set_to_none=True)
                     if stepped:
                         for scheduler in step_schedulers:
                             scheduler.step()
                     else:
                         self.skipped_steps += 1
+                    pending = 0
                     self.global_step += 1
+                    trainer.global_step = self.global_step  # live for hooks, as in Lightning
                     self.batch_in_epoch = batch_idx + 1
-                    if self.global_step % trainer.log_every_n_steps == 0:
+                    if self.global_step % log_every == 0:
                         self._log_train()
                 hooks.on_train_batch_end(trainer=trainer, outputs=output, batch=args[0], batch_idx=batch_idx)
                 self.progress.update()
-                if 0 < max_steps <= self.global_step:
-                    break
+                if window_end:
+                    if 0 < max_steps <= self.global_step:
+                        break
+                    if self.stop_signal is not None:
+                        raise KeyboardInterrupt(f"stopped by {signal.Signals(self.stop_signal).name}")
             else:  # the epoch's data is exhausted
+                if pending or self.batch_in_epoch < (n_batches or 0):
+                    self._drop_open_window(epoch, n_batches)
                 self._end_epoch(epoch)
                 continue
             # max_steps reached: the epoch still ends if its last batch was trained
@@ -215,15 +265,35 @@ class FitRun:
             break
         self._log_train()
         self.progress.close()
-        if trainer.enable_checkpointing and trainer.is_global_zero:
-            self.save_checkpoint(self._last_checkpoint_path())
+        self._checkpoint()
         hooks.on_fit_end(trainer=trainer, model=module)
+
+    def _nonfinite(self, loss: torch.Tensor, batch_idx: int, epoch: int) -> None:
+        if self.trainer.on_nonfinite_loss == "error":
+            raise NonFiniteLossError(
+                f"training_step returned a non-finite loss ({loss.item()}) at epoch {epoch}, batch {batch_idx} "
+                f"(global step {self.global_step}, the optimizer step it belongs to). Pass "
+                "Trainer(on_nonfinite_loss='skip') to skip such batches, or 'ignore' to backpropagate anyway."
+            )
+        # "skip": no backward for this micro-batch; a window without any backward takes no step.
+
+    def _drop_open_window(self, epoch: int, n_batches: int | None) -> None:
+        """The loader ended earlier than its ``len`` promised: the open window's gradients are
+        discarded rather than leaked into the next epoch."""
+        warnings.warn(
+            f"The training loader of epoch {epoch} ended after {self.batch_in_epoch} of the {n_batches} batches "
+            "its len() announced; the incomplete accumulation window was discarded.",
+            RuntimeWarning, stacklevel=2,
+        )
+        for optimizer in self.optimizers:
+            optimizer.zero_grad(set_to_none=True)
 
     def _end_epoch(self, epoch: int) -> None:
         trainer, hooks = self.trainer, self.hooks
         hooks.on_train_epoch_end(trainer=trainer, epoch=epoch)
         self._log_train()
-        if self.val_loader is not None and (epoch + 1) % trainer.check_val_every_n_epoch == 0:
+        if self.val_loader is not None and trainer.limit_val_batches != 0 \
+                and (epoch + 1) % trainer.check_val_every_n_epoch == 0:
             self.validate()
         for sched in self.schedulers:
             if sched["interval"] == "epoch":
@@ -231,24 +301,25 @@ class FitRun:
                 if monitor is not None:
                     if monitor not in self.callback_metrics:
                         raise MisconfigurationError(
-                            f"LR scheduler monitors {monitor!r}, which no step logged; logged: {sorted(self.callback_metrics)}"
+                            f"The LR scheduler {type(sched['scheduler']).__name__} monitors {monitor!r}, which no "
+                            f"step logged (self.log); logged so far: {sorted(self.callback_metrics)}."
                         )
                     sched["scheduler"].step(self.callback_metrics[monitor])
                 else:
                     sched["scheduler"].step()
-        self.epoch = epoch + 1
+        self.epoch = trainer.current_epoch = epoch + 1
         self.batch_in_epoch = 0
         self.epoch_rng = None
-        if trainer.enable_checkpointing and trainer.is_global_zero:
-            self.save_checkpoint(self._last_checkpoint_path())
+        self._checkpoint()
 
     def _finished(self) -> bool:
         max_epochs, max_steps = self.trainer.max_epochs, self.trainer.max_steps
         return (max_epochs is not None and self.epoch >= max_epochs) or (0 < max_steps <= self.global_step)
 
-    def _epoch_batches(self, epoch: int) -> Any:
-        """The epoch's (index, batch) pairs; a resumed epoch replays its shuffle from the RNG
-        state saved at the epoch's start and skips the batches already trained."""
+    def _epoch_batches(self, epoch: int, n_batches: int | None) -> Iterator[tuple[int, Any, bool]]:
+        """The epoch's ``(index, batch, is_last)``. A resumed epoch replays its shuffle from
+        the RNG states saved at the epoch's start and skips the batches already trained. A
+        loader without ``len`` is read one batch ahead to know which batch is its last."""
         loader = self.train_loader
         sampler = getattr(loader, "sampler", None)
         if isinstance(sampler, DistributedSampler):
@@ -256,26 +327,59 @@ class FitRun:
         skip = self.batch_in_epoch
         restore_after = None
         if skip and self.epoch_rng is not None:
-            restore_after = ckpt.rng_states()
-            ckpt.set_rng_states(self.epoch_rng)
+            restore_after = self._rng_snapshot()
+            self._rng_restore(self.epoch_rng)
         else:
-            self.epoch_rng = ckpt.rng_states()
+            self.epoch_rng = self._rng_snapshot()
         iterator = iter(loader)
-        limit = self.trainer.limit_train_batches
         for _ in range(skip):
-            next(iterator)
+            next(iterator, None)
         if restore_after is not None:
-            ckpt.set_rng_states(restore_after)
+            self._rng_restore(restore_after)
         index = skip
-        for batch in iterator:
-            if limit is not None and index >= limit:
-                break
-            yield index, batch
+        if n_batches is not None:
+            for batch in iterator:
+                if index >= n_batches:
+                    return
+                yield index, batch, index + 1 == n_batches
+                index += 1
+            return
+        limit = self.trainer.limit_train_batches
+        sentinel = object()
+        batch = next(iterator, sentinel)
+        while batch is not sentinel:
+            following = next(iterator, sentinel) if limit is None or index + 1 < limit else sentinel
+            yield index, batch, following is sentinel
+            batch = following
             index += 1
+
+    def _loader_generators(self) -> list[torch.Generator]:
+        """Explicit generators the train loader shuffles with (``DataLoader(generator=...)``):
+        their states are part of the resume point, like the global RNGs."""
+        loader = self.train_loader
+        found: dict[int, torch.Generator] = {}
+        for holder in (loader, getattr(loader, "sampler", None),
+                       getattr(getattr(loader, "batch_sampler", None), "sampler", None)):
+            gen = getattr(holder, "generator", None)
+            if isinstance(gen, torch.Generator) and gen.device.type == "cpu":
+                found.setdefault(id(gen), gen)
+        return list(found.values())
+
+    def _rng_snapshot(self) -> dict[str, Any]:
+        states = ckpt.rng_states()
+        states["loader_generators"] = [g.get_state() for g in self._loader_generators()]
+        return states
+
+    def _rng_restore(self, states: dict[str, Any]) -> None:
+        ckpt.set_rng_states(states)
+        for gen, state in zip(self._loader_generators(), states.get("loader_generators", [])):
+            gen.set_state(state)
 
     # -- validation --------------------------------------------------------------------------
     def validate(self) -> dict[str, float]:
         trainer, hooks, module = self.trainer, self.hooks, self.module
+        step_module = cast(StepModule, module)
+        was_training = module.training
         module.eval()
         self.metrics.begin_validation()
         limit = trainer.limit_val_batches
@@ -286,13 +390,16 @@ class FitRun:
                         break
                     args = hooks.on_before_forward(model=module, args=(batch, batch_idx))
                     with hooks.forward_context(model=module):
-                        module.validation_step(*args)  # type: ignore[operator]
+                        step_module.validation_step(*args)
+                    if self.stop_signal is not None:
+                        raise KeyboardInterrupt(f"stopped by {signal.Signals(self.stop_signal).name}")
         finally:
             values = self.metrics.end_validation()
-            module.train()
-        reduced = {name: hooks.reduce(tensor=torch.as_tensor(value, dtype=torch.float32, device=self.device), op="mean")
+            module.train(was_training)
+        reduced = {name: hooks.reduce(tensor=torch.as_tensor(value, dtype=torch.float32, device=self.device),
+                                      op="mean")
                    for name, value in values.items()}
-        result = to_floats(reduced)  # type: ignore[arg-type]
+        result = to_floats(reduced)
         self.callback_metrics.update(result)
         if self.csv is not None:
             self.csv.log(self.global_step, self.epoch, result)
@@ -301,20 +408,23 @@ class FitRun:
         return result
 
     def validate_only(self) -> dict[str, float]:
+        """``Trainer.validate``: this process, the module's device, no run folder."""
         trainer, hooks = self.trainer, self.hooks
         self.device = hooks.root_device(trainer=trainer, model=self.module)
         self.module.to(self.device)
-        if hasattr(self.module, "_attach_metrics"):
-            self.module._attach_metrics(self.metrics)
-        return self.validate()
+        _attach_metrics(self.module, self.metrics)
+        try:
+            return self.validate()
+        finally:
+            _attach_metrics(self.module, None)
 
     def _log_train(self) -> None:
+        if self.skipped_steps:
+            self.callback_metrics["skipped_steps"] = float(self.skipped_steps)
         if not self.metrics.train:
             return
         values = to_floats(self.metrics.train)
         self.metrics.train.clear()
-        if self.skipped_steps:
-            values["skipped_steps"] = float(self.skipped_steps)
         self.callback_metrics.update(values)
         if self.csv is not None:
             self.csv.log(self.global_step, self.epoch, values)
@@ -324,6 +434,13 @@ class FitRun:
     def _last_checkpoint_path(self) -> Path:
         assert self.log_dir is not None
         return self.log_dir / "checkpoints" / "last.ckpt"
+
+    def _checkpoint(self) -> None:
+        """``last.ckpt`` of the current position, unless it was just written."""
+        position = (self.epoch, self.batch_in_epoch, self.global_step)
+        if self.trainer.enable_checkpointing and self.log_dir is not None and self._saved_at != position:
+            self.save_checkpoint(self._last_checkpoint_path())
+            self._saved_at = position
 
     def checkpoint_dict(self) -> dict[str, Any]:
         checkpoint: dict[str, Any] = {
@@ -336,7 +453,7 @@ class FitRun:
             "state_dict": self.module.state_dict(),
             "optimizer_states": [opt.state_dict() for opt in self.optimizers],
             "lr_schedulers": [s["scheduler"].state_dict() for s in self.schedulers],
-            "rng_states": ckpt.rng_states(),
+            "rng_states": self._rng_snapshot(),
             "epoch_rng_states": self.epoch_rng,
             "callback_metrics": dict(self.callback_metrics),
             "plugins": self.trainer.plugin_names,
@@ -358,17 +475,23 @@ class FitRun:
                 )
             for opt, state in zip(self.optimizers, data["optimizer_states"]):
                 opt.load_state_dict(state)
-            for sched, state in zip(self.schedulers, data.get("lr_schedulers", [])):
+            schedulers = data.get("lr_schedulers", [])
+            if len(schedulers) != len(self.schedulers):
+                raise CheckpointError(
+                    f"The checkpoint has {len(schedulers)} LR scheduler states, "
+                    f"configure_optimizers() made {len(self.schedulers)}."
+                )
+            for sched, state in zip(self.schedulers, schedulers):
                 sched["scheduler"].load_state_dict(state)
-        except (RuntimeError, KeyError, ValueError) as exc:
+        except (RuntimeError, KeyError, ValueError, TypeError) as exc:
             raise CheckpointError(f"The checkpoint does not match this model or its optimizers: {exc}") from exc
-        self.epoch = int(data["epoch"])
+        self.epoch = self.trainer.current_epoch = int(data["epoch"])
         self.batch_in_epoch = int(data.get("batch_in_epoch", 0))
-        self.global_step = int(data["global_step"])
+        self.global_step = self.trainer.global_step = int(data["global_step"])
         self.skipped_steps = int(data.get("skipped_steps", 0))
-        self.callback_metrics = dict(data.get("callback_metrics", {}))
+        self.callback_metrics.update(data.get("callback_metrics", {}))
         self.epoch_rng = data.get("epoch_rng_states")
-        ckpt.set_rng_states(data["rng_states"])
+        self._rng_restore(data["rng_states"])
         self.hooks.on_load_checkpoint(trainer=self.trainer, checkpoint=data)
 
     # -- the whole run -----------------------------------------------------------------------
@@ -376,26 +499,32 @@ class FitRun:
         from torchplug.trainer import FitOutcome
 
         trainer, hooks = self.trainer, self.hooks
+        trainer._run = self  # for trainer.save_checkpoint during and after fit
         start = time.perf_counter()
+        deterministic = torch.are_deterministic_algorithms_enabled()
+        warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
         try:
-            self.setup()
-            self.train()
+            with self._stop_on_signals():
+                if trainer.deterministic:
+                    torch.use_deterministic_algorithms(True)
+                self.setup()
+                self.train()
         except KeyboardInterrupt as exc:
             self._checkpoint_on_interrupt()
             hooks.on_exception(trainer=trainer, exception=exc)
             raise
         except Exception as exc:
             hooks.on_exception(trainer=trainer, exception=exc)
+            self._close_outputs()
+            self._remove_if_empty()
             wrapped = hooks.wrap_error(exc)
             if wrapped is exc:
                 raise
             raise wrapped from exc
         finally:
-            self.progress.close()
-            if self.csv is not None:
-                self.csv.close()
-            if hasattr(self.module, "_attach_metrics"):
-                self.module._attach_metrics(None)
+            torch.use_deterministic_algorithms(deterministic, warn_only=warn_only)
+            self._close_outputs()
+            _attach_metrics(self.module, None)
             hooks.teardown_environment(trainer=trainer)
         trainer.global_step, trainer.current_epoch = self.global_step, self.epoch
         trainer.callback_metrics = dict(self.callback_metrics)
@@ -408,20 +537,105 @@ class FitRun:
             extra={"seconds": time.perf_counter() - start, "skipped_steps": self.skipped_steps},
         )
 
+    @contextmanager
+    def _stop_on_signals(self) -> Iterator[None]:
+        """SIGTERM and SIGINT (where their handlers are Python's defaults) request a stop at the
+        end of the current optimizer step; a second signal, or any signal in a multi-process
+        run (ranks would stop at different steps), raises ``KeyboardInterrupt`` at once."""
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+
+        def handler(signum: int, frame: Any) -> None:
+            name = signal.Signals(signum).name
+            if self.stop_signal is not None or self.trainer.world_size > 1:
+                raise KeyboardInterrupt(f"stopped by {name}")
+            self.stop_signal = signum
+            print(f"torchplug: {name} received, stopping after the current step "
+                  "(send it again to stop now)", file=sys.stderr, flush=True)
+
+        defaults = {signal.SIGTERM: signal.SIG_DFL, signal.SIGINT: signal.default_int_handler}
+        previous = {}
+        for signum, default in defaults.items():
+            if signal.getsignal(signum) is default:
+                previous[signum] = signal.signal(signum, handler)
+        try:
+            yield
+        finally:
+            for signum, handler_before in previous.items():
+                signal.signal(signum, handler_before)
+
+    def _close_outputs(self) -> None:
+        self.progress.close()
+        if self.csv is not None:
+            self.csv.close()
+
     def _checkpoint_on_interrupt(self) -> None:
-        """Keep the last completed step: the weights, optimizer state and data position as of
-        the last optimizer step (a partial accumulation window is dropped)."""
-        if self.trainer.enable_checkpointing and self.trainer.is_global_zero and self.log_dir is not None \
-                and self.optimizers:
-            for opt in self.optimizers:
-                opt.zero_grad(set_to_none=True)
-            self.save_checkpoint(self._last_checkpoint_path())
+        """Keep the last completed optimizer step: weights, optimizer state and data position
+        (a partial accumulation window is dropped). After a requested stop the position is
+        exact, RNG included, so resuming continues as if never stopped."""
+        if not (self.trainer.enable_checkpointing and self.log_dir is not None and self.optimizers):
+            return
+        for opt in self.optimizers:
+            opt.zero_grad(set_to_none=True)
+        self._saved_at = None
+        self._checkpoint()
+
+    def _new_version_dir(self, root: Path) -> Path:
+        try:
+            if not root.exists():
+                root.mkdir(parents=True)
+                self._created.append(root)
+            path = _new_version_dir(root)
+        except OSError as exc:
+            raise MisconfigurationError(
+                f"Cannot create the run folder under {root}: {exc}. Pass a writable default_root_dir, "
+                "or Trainer(logger=False, enable_checkpointing=False) to write nothing."
+            ) from exc
+        self._created.append(path)
+        return path
+
+    def _remove_if_empty(self) -> None:
+        """A run that failed before writing any metric or checkpoint leaves no folder behind."""
+        if self.last_checkpoint is not None or (self.csv is not None and self.csv.rows):
+            return
+        for folder in reversed(self._created):
+            try:
+                for name in ("metrics.csv",):
+                    (folder / name).unlink(missing_ok=True)
+                checkpoints = folder / "checkpoints"
+                if checkpoints.is_dir() and not any(checkpoints.iterdir()):
+                    checkpoints.rmdir()
+                folder.rmdir()
+            except OSError:  # not empty (someone else's files): keep it
+                return
+
+
+def _attach_metrics(module: nn.Module, store: MetricStore | None) -> None:
+    attach = getattr(module, "_attach_metrics", None)
+    if callable(attach):
+        attach(store)
+
+
+def _unwrap(found: Any, wrapper: nn.Module, module: nn.Module) -> nn.Module:
+    """The user's module behind ``configure_ddp``'s wrapper: ``get_model_from_plugin``'s answer
+    (through a ``TrainingStepModule``), or the module that was wrapped when it has none."""
+    while isinstance(found, TrainingStepModule):
+        found = found.module
+    if isinstance(found, nn.Module) and found is not wrapper:
+        return found
+    return module
 
 
 def _loss_of(output: Any, batch_idx: int, epoch: int) -> torch.Tensor:
     loss = output.get("loss") if isinstance(output, dict) else output
     if not isinstance(loss, torch.Tensor) or loss.ndim != 0:
-        got = f"a tensor of shape {tuple(loss.shape)}" if isinstance(loss, torch.Tensor) else type(loss).__name__
+        if isinstance(loss, torch.Tensor):
+            got = f"a tensor of shape {tuple(loss.shape)}"
+        elif isinstance(output, dict):
+            got = f"a dict without 'loss' (keys {sorted(map(str, output))})"
+        else:
+            got = type(loss).__name__
         raise MisconfigurationError(
             f"training_step must return a scalar loss tensor or a dict with 'loss'; got {got} "
             f"at epoch {epoch}, batch {batch_idx}."
@@ -429,7 +643,7 @@ def _loss_of(output: Any, batch_idx: int, epoch: int) -> torch.Tensor:
     if not loss.requires_grad:
         raise MisconfigurationError(
             f"The loss returned by training_step at epoch {epoch}, batch {batch_idx} does not require grad "
-            "(computed under no_grad, or detached?)."
+            "(computed under torch.no_grad(), or detached?)."
         )
     return loss
 
@@ -438,26 +652,40 @@ def _num_batches(loader: Any, limit: int | None) -> int | None:
     try:
         n = len(loader)
     except TypeError:
-        return limit
+        return None
     return min(n, limit) if limit is not None else n
 
 
 def _configure_optimizers(module: nn.Module) -> tuple[list[torch.optim.Optimizer], list[dict[str, Any]]]:
-    config = module.configure_optimizers()  # type: ignore[operator]
+    config = cast(StepModule, module).configure_optimizers()
     optimizers: list[torch.optim.Optimizer] = []
     schedulers: list[dict[str, Any]] = []
 
     def add_scheduler(item: Any) -> None:
         entry = dict(item) if isinstance(item, dict) else {"scheduler": item}
+        sched = entry.get("scheduler")
+        if not callable(getattr(sched, "step", None)) or not callable(getattr(sched, "state_dict", None)):
+            raise MisconfigurationError(
+                f"configure_optimizers() returned the LR scheduler {sched!r}; expected a torch.optim.lr_scheduler "
+                "object (with step() and state_dict())."
+            )
         entry.setdefault("interval", "epoch")
         if entry["interval"] not in ("step", "epoch"):
             raise MisconfigurationError(f"LR scheduler interval must be 'step' or 'epoch', got {entry['interval']!r}")
+        if isinstance(sched, torch.optim.lr_scheduler.ReduceLROnPlateau):
+            if entry.get("monitor") is None:
+                raise MisconfigurationError(
+                    "ReduceLROnPlateau needs a metric: return {'optimizer': opt, 'lr_scheduler': {'scheduler': "
+                    "sched, 'monitor': 'val_loss'}} and self.log('val_loss', ...) in validation_step."
+                )
+            if entry["interval"] != "epoch":
+                raise MisconfigurationError("ReduceLROnPlateau steps per epoch: use interval 'epoch'.")
         schedulers.append(entry)
 
     def add(item: Any) -> None:
         if isinstance(item, torch.optim.Optimizer):
             optimizers.append(item)
-        elif isinstance(item, dict) and "optimizer" in item:
+        elif isinstance(item, dict) and isinstance(item.get("optimizer"), torch.optim.Optimizer):
             optimizers.append(item["optimizer"])
             if item.get("lr_scheduler") is not None:
                 add_scheduler(item["lr_scheduler"])
@@ -509,8 +737,10 @@ def _distributed_loader(loader: Any, trainer: Trainer, shuffle_default: bool) ->
             f"{trainer.world_size} processes; give it a DistributedSampler yourself."
         )
     shuffle = isinstance(loader.sampler, RandomSampler) if shuffle_default else False
-    sampler = DistributedSampler(loader.dataset, num_replicas=trainer.world_size, rank=trainer.global_rank,
-                                 shuffle=shuffle, drop_last=loader.drop_last)
+    sampler: DistributedSampler[Any] = DistributedSampler(
+        loader.dataset, num_replicas=trainer.world_size, rank=trainer.global_rank,
+        shuffle=shuffle, drop_last=loader.drop_last,
+    )
     return DataLoader(
         loader.dataset, batch_size=loader.batch_size, sampler=sampler, num_workers=loader.num_workers,
         collate_fn=loader.collate_fn, pin_memory=loader.pin_memory, drop_last=loader.drop_last,
@@ -520,20 +750,16 @@ def _distributed_loader(loader: Any, trainer: Trainer, shuffle_default: bool) ->
 
 
 def _new_version_dir(root: Path) -> Path:
-    try:
-        root.mkdir(parents=True, exist_ok=True)
-        versions = [int(p.name.split("_", 1)[1]) for p in root.glob("version_*") if p.name.split("_", 1)[1].isdigit()]
-        version = max(versions, default=-1) + 1
-        while True:
-            path = root / f"version_{version}"
-            try:
-                path.mkdir()
-                return path
-            except FileExistsError:  # another run took it meanwhile
-                version += 1
-    except OSError as exc:
-        raise MisconfigurationError(
-            f"Cannot create the run folder under {root}: {exc}. Pass a writable default_root_dir, "
-            "or Trainer(logger=False, enable_checkpointing=False) to write nothing."
-        ) from exc
+    """``root/version_N`` with the next free N, made atomically (mkdir fails if taken)."""
+    versions = [int(p.name.split("_", 1)[1]) for p in root.glob("version_*") if p.name.split("_", 1)[1].isdigit()]
+    version = max(versions, default=-1) + 1
+    while True:
+        path = root / f"version_{version}"
+        try:
+            path.mkdir()
+            return path
+        except FileExistsError:  # another run took it meanwhile
+            version += 1
 
+
+__all__ = ["FitRun", "StepModule", "check_module", "resolve_loaders"]

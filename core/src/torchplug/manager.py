@@ -1,52 +1,72 @@
 """The plugin manager: registration with validation, entry-point loading, roles, blocking.
 
 :func:`get_plugin_manager` builds a fresh manager each call (no module-global state) and
-registers plugins in this documented order (pluggy calls the most recent registration first,
-so the later a plugin is registered, the earlier it runs; the built-in defaults are ``trylast``
-and always run last):
+registers plugins in this documented order:
 
-1. the core's built-in defaults (:mod:`torchplug.defaults`);
-2. ``torchplug.autoload`` entry points, sorted by name, unless autoload is disabled
-   (``TORCHPLUG_DISABLE_PLUGIN_AUTOLOAD=1`` or ``autoload=False``) or the name is blocked;
+1. the core's built-in defaults (:mod:`torchplug.defaults`, every hook ``trylast``);
+2. ``torchplug.autoload`` entry points, sorted by name (then distribution), unless autoload is
+   disabled (``TORCHPLUG_DISABLE_PLUGIN_AUTOLOAD=1`` or ``autoload=False``) or the name is
+   blocked: both are decided from metadata, before any entry point is imported;
 3. role defaults picked by shorthands (``precision=16`` → ``native_amp``, ``accelerator="ddp"``
-   → ``ddp``) for roles no selected plugin fills;
+   → ``ddp``) for roles that no plugin of steps 2, 4 and 5 fills;
 4. names from ``TORCHPLUG_PLUGINS=a,b``, in that order;
 5. the ``plugins`` argument (names, objects, modules), in the order given.
 
-Blocking (``TORCHPLUG_BLOCK_PLUGINS=a,b`` or ``blocked=[...]``) skips an autoload entry point
-without importing it; selecting a blocked plugin explicitly is an error.
+pluggy calls implementations of one hook in reverse registration order (``tryfirst`` and
+``trylast`` aside), so the plugin registered last runs first: a user's ``plugins=[...]``
+object overrides an autoloaded plugin, and the built-in defaults answer only when no plugin
+did. An entry point selected twice (say by ``TORCHPLUG_PLUGINS`` and ``plugins=``) is loaded
+and registered once, at its first position.
+
+Blocking (``TORCHPLUG_BLOCK_PLUGINS=a,b`` or ``blocked=[...]``, i.e. ``Trainer(blocked_plugins=)``)
+skips an autoload entry point without importing it; selecting a blocked name explicitly is an
+error, as is selecting a plugin whose ``Requires-Dist`` on torchplug excludes this version.
 """
 
 from __future__ import annotations
 
 import difflib
-import importlib.metadata
 import inspect
 import os
 import types
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, cast
+from typing import Any, Literal, cast
 
 import pluggy
 
 from torchplug import defaults, discovery, hookspecs
+from torchplug.discovery import BLOCK_ENV, DISABLE_AUTOLOAD_ENV, PLUGINS_ENV, EntryPointInfo
 from torchplug.errors import (
+    PluginBlockedError,
     PluginConflictError,
-    PluginError,
+    PluginIncompatibleError,
     PluginLoadError,
     PluginNotFoundError,
     PluginValidationError,
 )
 from torchplug.plugin import Plugin, Role
 
-DISABLE_AUTOLOAD_ENV = "TORCHPLUG_DISABLE_PLUGIN_AUTOLOAD"
-PLUGINS_ENV = "TORCHPLUG_PLUGINS"
-BLOCK_ENV = "TORCHPLUG_BLOCK_PLUGINS"
+__all__ = [
+    "BLOCK_ENV",
+    "CHAINED_HOOKS",
+    "DEFAULTS_NAME",
+    "DISABLE_AUTOLOAD_ENV",
+    "PLUGINS_ENV",
+    "PluginManager",
+    "PluginRecord",
+    "get_plugin_manager",
+    "load_entry_point",
+    "role_of",
+]
+
 DEFAULTS_NAME = "torchplug.defaults"
+ROLES: tuple[Role, ...] = ("precision", "strategy")
 
 #: Hooks whose implementations cannot be wrappers: the core calls them itself, in sequence.
 CHAINED_HOOKS = frozenset({"on_before_forward"})
+
+Source = Literal["builtin", "autoload", "entry point", "object", "module"]
 
 
 @dataclass(frozen=True)
@@ -55,8 +75,8 @@ class PluginRecord:
 
     name: str
     plugin: object
-    source: str  # "builtin", "autoload", "entry point", "object", "module"
-    entry_point: discovery.EntryPointInfo | None = None
+    source: Source
+    entry_point: EntryPointInfo | None = None
 
     @property
     def role(self) -> Role | None:
@@ -65,55 +85,100 @@ class PluginRecord:
     def describe(self) -> str:
         if self.entry_point is not None:
             ep = self.entry_point
-            return f"'{self.name}' (distribution {ep.dist_name} {ep.dist_version})"
+            return f"'{self.name}' (entry point {ep.value}, distribution {ep.dist_name} {ep.dist_version})"
         return f"'{self.name}' ({_object_origin(self.plugin)})"
 
 
 class PluginManager(pluggy.PluginManager):
-    """A pluggy manager for project ``torchplug`` that also accepts undecorated
-    :class:`Plugin` methods and rejects misspelled hooks at registration."""
+    """A pluggy manager for project ``torchplug`` with the hookspecs added.
+
+    Beyond pluggy it registers methods of :class:`Plugin` subclasses named like a hook without
+    a decorator, rejects unknown hooks and misspelled method names at registration (naming
+    the plugin, the hook and the signature), leaves no trace of a plugin that failed
+    validation, and keeps a :class:`PluginRecord` of where each plugin came from.
+    """
 
     def __init__(self) -> None:
         super().__init__("torchplug")
         self.add_hookspecs(hookspecs)
         self.records: list[PluginRecord] = []
+        self._pending_record: tuple[Source, EntryPointInfo | None] | None = None
 
     def parse_hookimpl_opts(self, plugin: Any, name: str) -> pluggy.HookimplOpts | None:
         opts = super().parse_hookimpl_opts(plugin, name)
         if opts is not None:
             hook_name = opts.get("specname") or name
             if hook_name not in hookspecs.HOOK_NAMES:
-                raise PluginValidationError(
-                    _unknown_hook_message(plugin, hook_name, getattr(plugin, name))
-                )
+                raise PluginValidationError(_unknown_hook_message(plugin, name, hook_name))
+            _check_arguments(plugin, name, hook_name)
             if hook_name in CHAINED_HOOKS and (opts.get("wrapper") or opts.get("hookwrapper")):
                 raise PluginValidationError(
-                    f"Plugin {_label(plugin)}: hook {hook_name!r} is chained (each implementation "
-                    "receives the previous one's result) and cannot be a wrapper; drop wrapper=True."
+                    f"Plugin {_label(plugin)} ({_object_origin(plugin)}): hook {hook_name!r} is chained "
+                    f"(each implementation receives the previous one's result) and cannot be a wrapper: "
+                    f"{_signature(plugin, name)}. Drop wrapper=True/hookwrapper=True."
                 )
             return opts
         if not isinstance(plugin, Plugin) or name.startswith("_"):
             return None
-        attr = inspect.getattr_static(plugin, name, None)
-        if not inspect.isfunction(attr):
+        # A Plugin subclass: a method named like a hook implements it, decorator or not.
+        static = inspect.getattr_static(type(plugin), name, None)
+        if static is None or getattr(Plugin, name, None) is static:
             return None
+        is_method = inspect.isfunction(static) or isinstance(static, (staticmethod, classmethod))
         if name in hookspecs.HOOK_NAMES:
+            if is_method and name in getattr(plugin, "__dict__", {}):
+                raise PluginValidationError(
+                    f"Plugin {_label(plugin)} ({_object_origin(plugin)}) sets an instance attribute "
+                    f"{name!r} that hides its hook method {name!r}: rename the attribute (e.g. '_{name}')."
+                )
+            if not is_method:
+                raise PluginValidationError(
+                    f"Plugin {_label(plugin)} ({_object_origin(plugin)}) defines {name!r} as a "
+                    f"{type(static).__name__}, but {name!r} is a hook: implement it as a method, "
+                    f"or rename the attribute (e.g. '_{name}')."
+                )
+            _check_arguments(plugin, name, name)
             return cast(pluggy.HookimplOpts, {})
-        if difflib.get_close_matches(name, hookspecs.HOOK_NAMES, n=1, cutoff=0.9):
-            raise PluginValidationError(_unknown_hook_message(plugin, name, getattr(plugin, name)))
+        if is_method and _near_miss(name):
+            raise PluginValidationError(_unknown_hook_message(plugin, name, name))
         return None
 
-    def register_plugin(self, plugin: object, name: str, source: str,
-                        entry_point: discovery.EntryPointInfo | None = None) -> PluginRecord:
-        """Register ``plugin`` with validation errors that name the plugin, hook and signature."""
+    def register(self, plugin: object, name: str | None = None) -> str | None:
+        """Register ``plugin``; errors name the plugin, hook and signature, and a plugin that
+        fails validation leaves the manager unchanged."""
+        source, entry_point = self._pending_record or (_source_of(plugin), None)
+        self._pending_record = None
+        try:
+            registered = super().register(plugin, name)
+        except (pluggy.PluginValidationError, PluginValidationError) as exc:
+            # Older pluggy releases register before they validate: leave no half-registered plugin.
+            if self.is_registered(plugin):
+                self.unregister(plugin)
+            if isinstance(exc, PluginValidationError):
+                raise
+            origin = entry_point.describe() if entry_point else _object_origin(plugin)
+            raise PluginValidationError(
+                f"Invalid hook implementation in plugin {origin}:\n{exc}\n"
+                f"The hooks and their arguments are documented in torchplug.hookspecs."
+            ) from exc
+        if registered is not None:
+            self.records.append(PluginRecord(registered, plugin, source, entry_point))
+        return registered
+
+    def unregister(self, plugin: object | None = None, name: str | None = None) -> Any | None:
+        removed = super().unregister(plugin, name)
+        self.records[:] = [rec for rec in self.records if rec.plugin is not removed]
+        return removed
+
+    def register_plugin(self, plugin: object, name: str, source: Source,
+                        entry_point: EntryPointInfo | None = None) -> PluginRecord:
+        """:meth:`register` with the record of where the plugin came from."""
+        self._pending_record = (source, entry_point)
         try:
             self.register(plugin, name=name)
-        except pluggy.PluginValidationError as exc:
-            origin = entry_point.describe() if entry_point else _object_origin(plugin)
-            raise PluginValidationError(f"Invalid hook implementation in plugin {origin}:\n{exc}") from exc
-        record = PluginRecord(name, plugin, source, entry_point)
-        self.records.append(record)
-        return record
+        finally:
+            self._pending_record = None
+        return self.record(name)
 
     def record(self, name: str) -> PluginRecord:
         for rec in self.records:
@@ -123,6 +188,20 @@ class PluginManager(pluggy.PluginManager):
 
     def role_holders(self, role: Role) -> list[PluginRecord]:
         return [rec for rec in self.records if rec.role == role]
+
+    def check_roles(self) -> None:
+        """Raise :class:`PluginConflictError` if two plugins hold one role."""
+        for role in ROLES:
+            holders = self.role_holders(role)
+            if len(holders) > 1:
+                listed = " and ".join(rec.describe() for rec in holders)
+                shorthand = "precision=/amp_backend=" if role == "precision" else "accelerator=/strategy=/devices="
+                raise PluginConflictError(
+                    f"Two {role} plugins are selected: {listed}. At most one {role} plugin can be "
+                    f"active. Choose one: keep only one of them in plugins= (a plugin object you pass "
+                    f"replaces the default that {shorthand} picks), remove one from TORCHPLUG_PLUGINS, "
+                    f"or block an entry point with TORCHPLUG_BLOCK_PLUGINS=<name>."
+                )
 
 
 def get_plugin_manager(
@@ -145,137 +224,206 @@ def get_plugin_manager(
     :raises PluginError: unknown, blocked, incompatible or broken plugins, or two of one role.
     """
     env = os.environ if env is None else env
-    blocked_set = set(blocked) | set(_split(env.get(BLOCK_ENV, "")))
+    blocked_set = set(blocked) | discovery.blocked_names(env)
     if autoload is None:
-        autoload = env.get(DISABLE_AUTOLOAD_ENV, "").strip().lower() not in ("1", "true", "yes")
+        autoload = not discovery.autoload_disabled(env)
 
     pm = PluginManager()
     pm.register_plugin(defaults, DEFAULTS_NAME, "builtin")
-    # Autoload entry points are filtered by name before anything is imported.
-    pending: list[tuple[str, object, str, discovery.EntryPointInfo | None]] = []
+    selected: list[_Selected] = []
     if autoload:
-        for ep in discovery.installed_plugins():
-            if ep.autoload and ep.name not in blocked_set:
-                pending.append((ep.name, _load(ep), "autoload", ep))
-    chosen = [_resolve(name, blocked_set, via=PLUGINS_ENV) for name in _split(env.get(PLUGINS_ENV, ""))]
-    chosen += [_resolve(item, blocked_set, via="plugins=") for item in plugins]
-    filled = {role_of(obj) for _, obj, _, _ in pending + chosen}
+        # Filtered by name from metadata: a disabled or blocked plugin is never imported.
+        selected += [_Selected(ep.name, None, "autoload", ep) for ep in discovery.installed_plugins()
+                     if ep.autoload and ep.name not in blocked_set]
+    explicit = [_select(name, blocked_set, via=PLUGINS_ENV) for name in discovery.split_names(env.get(PLUGINS_ENV, ""))]
+    explicit += [_select(item, blocked_set, via="plugins=") for item in plugins]
+    selected = _dedupe(selected + explicit)
+    for sel in selected:
+        sel.load()
+    filled = {role_of(sel.plugin) for sel in selected}
+    chosen = {(sel.entry_point.group, sel.entry_point.name) for sel in selected if sel.entry_point}
+    role_picks = []
     for role, name in (role_defaults or {}).items():
-        if role not in filled:
-            pending.append(_resolve(name, blocked_set, via=f"the {role} shorthand"))
-    used: set[str] = set()
-    for name, obj, source, ep in pending + chosen:
-        pm.register_plugin(obj, _unique(name, used), source, ep)
-    _check_roles(pm)
+        if role in filled:
+            continue
+        pick = _select(name, blocked_set, via=f"the {role} shorthand")
+        if pick.entry_point is not None and (pick.entry_point.group, pick.entry_point.name) in chosen:
+            continue  # already selected by name (a plugin without a role attribute)
+        pick.load()
+        role_picks.append(pick)
+    n_autoload = sum(sel.source == "autoload" for sel in selected)
+    ordered = _dedupe(selected[:n_autoload] + role_picks + selected[n_autoload:])
+    used: set[str] = {DEFAULTS_NAME}
+    for sel in ordered:
+        pm.register_plugin(sel.plugin, _unique(sel.name, used), sel.source, sel.entry_point)
+    pm.check_roles()
     return pm
 
 
 def role_of(plugin: object) -> Role | None:
-    return cast("Role | None", getattr(plugin, "role", None))
+    """The plugin's ``role`` attribute (``"precision"``, ``"strategy"`` or None)."""
+    role = getattr(plugin, "role", None)
+    return cast(Role, role) if role in ROLES else None
 
 
-def _resolve(item: object, blocked: set[str], via: str
-             ) -> tuple[str, object, str, discovery.EntryPointInfo | None]:
+def load_entry_point(ep: EntryPointInfo) -> object:
+    """Import an entry point after checking its declared torchplug range.
+
+    :raises PluginIncompatibleError: its ``Requires-Dist`` on torchplug excludes this version.
+    :raises PluginLoadError: importing it failed; ``__cause__`` is the original exception.
+    """
+    reason = ep.incompatibility()
+    if reason:
+        raise PluginIncompatibleError(
+            f"Plugin {ep.describe()} is incompatible with this torchplug: it {reason}. "
+            f"Upgrade the plugin (pip install -U {ep.dist_name}) or install a torchplug it supports; "
+            f"TORCHPLUG_BLOCK_PLUGINS={ep.name} skips it."
+        )
+    try:
+        return ep.load()
+    except Exception as exc:
+        how = (f"set TORCHPLUG_BLOCK_PLUGINS={ep.name} (or Trainer(blocked_plugins=['{ep.name}']))"
+               if ep.autoload else f"do not select '{ep.name}'")
+        raise PluginLoadError(
+            f"Could not load plugin {ep.describe()}: {type(exc).__name__}: {exc}\n"
+            f"Fix or reinstall {ep.dist_name} (pip install --force-reinstall {ep.dist_name}), "
+            f"uninstall it (pip uninstall {ep.dist_name}), or run without it: {how}."
+        ) from exc
+
+
+@dataclass
+class _Selected:
+    name: str
+    plugin: object | None
+    source: Source
+    entry_point: EntryPointInfo | None = None
+
+    def load(self) -> None:
+        if self.plugin is None and self.entry_point is not None:
+            self.plugin = load_entry_point(self.entry_point)
+
+
+def _select(item: object, blocked: set[str], via: str) -> _Selected:
     if isinstance(item, str):
         if item in blocked:
-            raise PluginError(
-                f"Plugin '{item}' is selected by {via} but blocked "
-                f"(TORCHPLUG_BLOCK_PLUGINS or blocked_plugins=). Unblock it or do not select it."
+            raise PluginBlockedError(
+                f"Plugin '{item}' is selected by {via} but blocked (TORCHPLUG_BLOCK_PLUGINS or "
+                f"blocked_plugins=). Unblock it or do not select it."
             )
         ep = discovery.find(item)
         if ep is None:
-            raise PluginNotFoundError(_not_found_message(item))
-        return item, _load(ep), "entry point", ep
+            raise PluginNotFoundError(_not_found_message(item, via))
+        return _Selected(item, None, "entry point", ep)
     if isinstance(item, types.ModuleType):
-        return item.__name__, item, "module", None
+        return _Selected(item.__name__, item, "module")
     if isinstance(item, type):
-        raise PluginError(
+        raise PluginValidationError(
             f"plugins= got the class {item.__module__}.{item.__qualname__}; pass an instance: "
             f"plugins=[{item.__name__}()]"
         )
     name = getattr(item, "plugin_name", None) or type(item).__name__
-    return name, item, "object", None
+    return _Selected(str(name), item, "object")
 
 
-def _load(ep: discovery.EntryPointInfo) -> object:
-    _check_compatible(ep)
-    try:
-        return ep.load()
-    except Exception as exc:
-        group_hint = ("TORCHPLUG_BLOCK_PLUGINS=" + ep.name) if ep.autoload else "remove it from plugins="
-        raise PluginLoadError(
-            f"Could not load plugin {ep.describe()}: {type(exc).__name__}: {exc}\n"
-            f"Fix or reinstall {ep.dist_name}, uninstall it (pip uninstall {ep.dist_name}), "
-            f"or run without it: {group_hint}."
-        ) from exc
+def _dedupe(selected: list[_Selected]) -> list[_Selected]:
+    """Keep the first selection of each entry point and of each object."""
+    seen_eps: set[tuple[str, str]] = set()
+    seen_objects: set[int] = set()
+    kept: list[_Selected] = []
+    for sel in selected:
+        if sel.entry_point is not None:
+            key = (sel.entry_point.group, sel.entry_point.name)
+            if key in seen_eps:
+                continue
+            seen_eps.add(key)
+        if sel.plugin is not None:
+            if id(sel.plugin) in seen_objects:
+                continue
+            seen_objects.add(id(sel.plugin))
+        kept.append(sel)
+    return kept
 
 
-def _check_compatible(ep: discovery.EntryPointInfo) -> None:
-    reason = incompatibility(ep)
-    if reason:
-        raise PluginError(
-            f"Plugin {ep.describe()} is incompatible with this torchplug: {reason}. "
-            f"Upgrade the plugin (pip install -U {ep.dist_name}) or install a matching torchplug; "
-            f"TORCHPLUG_BLOCK_PLUGINS={ep.name} skips it."
-        )
+def _source_of(plugin: object) -> Source:
+    return "module" if isinstance(plugin, types.ModuleType) else "object"
 
 
-def incompatibility(ep: discovery.EntryPointInfo) -> str | None:
-    """Why the installed torchplug does not satisfy the plugin's declared core range, or None."""
-    requirement = ep.core_requirement()
-    if requirement is None:
-        return None
-    from packaging.requirements import InvalidRequirement, Requirement
-
-    from torchplug import __version__
-
-    try:
-        req = Requirement(requirement)
-    except InvalidRequirement:
-        return f"unreadable requirement {requirement!r}"
-    if req.specifier and not req.specifier.contains(__version__, prereleases=True):
-        return f"it requires torchplug{req.specifier}, this is torchplug {__version__}"
-    return None
-
-
-def _check_roles(pm: PluginManager) -> None:
-    for role in ("precision", "strategy"):
-        holders = pm.role_holders(role)  # type: ignore[arg-type]
-        if len(holders) > 1:
-            listed = " and ".join(rec.describe() for rec in holders)
-            raise PluginConflictError(
-                f"Two {role} plugins are selected: {listed}. At most one {role} plugin can be "
-                f"active: keep one in plugins=, drop the shorthand that selects the other "
-                f"({'precision=/amp_backend=' if role == 'precision' else 'accelerator=/strategy=/devices='}), "
-                f"or block an entry point with TORCHPLUG_BLOCK_PLUGINS=<name>."
-            )
-
-
-def _not_found_message(name: str) -> str:
+def _not_found_message(name: str, via: str) -> str:
     installed = sorted({ep.name for ep in discovery.installed_plugins()})
-    lines = [f"No plugin named '{name}' is installed (entry-point group {discovery.PLUGINS_GROUP})."]
-    close = difflib.get_close_matches(name, installed, n=1)
-    if close:
+    lines = [f"No plugin named '{name}' is installed (selected by {via}; entry-point groups "
+             f"{discovery.PLUGINS_GROUP} and {discovery.AUTOLOAD_GROUP})."]
+    close = difflib.get_close_matches(name, installed + list(discovery.FIRST_PARTY), n=1)
+    if close and close[0] != name:
         lines.append(f"Did you mean '{close[0]}'?")
     lines.append("Installed plugins: " + (", ".join(installed) if installed else "none") + ".")
-    hint = discovery.install_hint(name)
+    hint = discovery.install_hint(name) or (discovery.install_hint(close[0]) if close else None)
     if hint:
         lines.append(f"Install it with: {hint}")
+    lines.append("List them with: torchplug plugins")
     return " ".join(lines)
 
 
-def _unknown_hook_message(plugin: object, hook_name: str, function: Any) -> str:
-    close = difflib.get_close_matches(hook_name, hookspecs.HOOK_NAMES, n=1, cutoff=0.6)
+def _near_miss(name: str) -> bool:
+    """A public method name that is almost a hook name (a typo), or an ``on_*`` event name
+    that torchplug does not have (Lightning habits such as ``on_train_batch_start``)."""
+    if name.startswith("on_"):
+        return True
+    limit = 1 if len(name) <= 8 else 2
+    return any(_distance(name, hook) <= limit for hook in hookspecs.HOOK_NAMES)
+
+
+def _distance(a: str, b: str) -> int:
+    """Optimal string alignment distance (edits, with adjacent transpositions)."""
+    if abs(len(a) - len(b)) > 2:
+        return 3
+    prev2: list[int] = []
+    prev = list(range(len(b) + 1))
+    for i, ca in enumerate(a, 1):
+        cur = [i] + [0] * len(b)
+        for j, cb in enumerate(b, 1):
+            cur[j] = min(prev[j] + 1, cur[j - 1] + 1, prev[j - 1] + (ca != cb))
+            if i > 1 and j > 1 and ca == b[j - 2] and a[i - 2] == cb:
+                cur[j] = min(cur[j], prev2[j - 2] + 1)
+        prev2, prev = prev, cur
+    return prev[-1]
+
+
+def _check_arguments(plugin: object, attr: str, hook_name: str) -> None:
+    """Reject an implementation that asks for an argument the hook does not pass (pluggy's
+    own check, with the hook's arguments in the message)."""
     try:
-        signature = f"{hook_name}{inspect.signature(function)}"
+        params = inspect.signature(getattr(plugin, attr)).parameters.values()
     except (TypeError, ValueError):
-        signature = hook_name
+        return
+    spec_args = inspect.signature(getattr(hookspecs, hook_name)).parameters
+    unknown = [p.name for p in params
+               if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD) and p.default is p.empty
+               and p.name not in spec_args]
+    if unknown:
+        raise PluginValidationError(
+            f"Plugin {_label(plugin)} ({_object_origin(plugin)}) implements hook {hook_name!r} with "
+            f"argument(s) {', '.join(repr(a) for a in unknown)} that the hook does not pass: "
+            f"{_signature(plugin, attr)}. The hook's arguments are {hook_name}({', '.join(spec_args)}); "
+            f"an implementation may take any subset of them, by name."
+        )
+
+
+def _unknown_hook_message(plugin: object, attr: str, hook_name: str) -> str:
+    close = difflib.get_close_matches(hook_name, hookspecs.HOOK_NAMES, n=1, cutoff=0.6)
+    advice = f" Did you mean {close[0]!r}?" if close else ""
+    if isinstance(plugin, Plugin) and not hasattr(getattr(plugin, attr, None), "torchplug_impl"):
+        advice += f" If {attr!r} is a helper, not a hook, rename it '_{attr}'."
     return (
         f"Plugin {_label(plugin)} ({_object_origin(plugin)}) implements unknown hook "
-        f"{hook_name!r}: {signature}."
-        + (f" Did you mean {close[0]!r}?" if close else "")
-        + " See torchplug.hookspecs for the hooks."
+        f"{hook_name!r}: {_signature(plugin, attr)}.{advice} The hooks are listed in torchplug.hookspecs."
     )
+
+
+def _signature(plugin: object, attr: str) -> str:
+    try:
+        return f"{attr}{inspect.signature(getattr(plugin, attr))}"
+    except (TypeError, ValueError, AttributeError):
+        return attr
 
 
 def _label(plugin: object) -> str:
@@ -286,10 +434,11 @@ def _label(plugin: object) -> str:
 
 def _object_origin(plugin: object) -> str:
     module = plugin.__name__ if isinstance(plugin, types.ModuleType) else type(plugin).__module__
-    top = module.partition(".")[0]
-    dists = importlib.metadata.packages_distributions().get(top) or []
-    where = f"distribution {dists[0]}" if dists else "not from an installed distribution"
-    return f"module {module}, {where}"
+    file = getattr(inspect.getmodule(plugin), "__file__", None) or ""
+    for ep in discovery.installed_plugins():
+        if ep.module.partition(".")[0] == module.partition(".")[0]:
+            return f"module {module}, distribution {ep.dist_name} {ep.dist_version}"
+    return f"module {module}" + (f" in {file}" if file else "")
 
 
 def _unique(name: str, used: set[str]) -> str:
@@ -299,7 +448,3 @@ def _unique(name: str, used: set[str]) -> str:
         candidate = f"{name}#{n}"
     used.add(candidate)
     return candidate
-
-
-def _split(value: str) -> list[str]:
-    return [part.strip() for part in value.split(",") if part.strip()]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import math
+import os
 import sys
 from pathlib import Path
 from typing import IO, Any
@@ -31,6 +32,7 @@ class CSVLogger:
 
     def __init__(self, log_dir: Path) -> None:
         self.path = log_dir / "metrics.csv"
+        self.rows = 0
         try:
             log_dir.mkdir(parents=True, exist_ok=True)
             new = not self.path.exists()
@@ -48,13 +50,28 @@ class CSVLogger:
     def log(self, step: int, epoch: int, metrics: dict[str, float]) -> None:
         try:
             for name, value in metrics.items():
-                self._writer.writerow((step, epoch, name, repr(value)))
+                self._writer.writerow((step, epoch, name, repr(float(value))))
             self._file.flush()
+            self.rows += len(metrics)
         except OSError as exc:
             raise OSError(f"Writing metrics to {self.path} failed: {exc}") from exc
 
     def close(self) -> None:
-        self._file.close()
+        if not self._file.closed:
+            self._file.close()
+
+
+def read_csv(path: str | Path) -> dict[str, list[tuple[int, int, float]]]:
+    """``metrics.csv`` as ``{metric: [(step, epoch, value), ...]}`` in file order."""
+    series: dict[str, list[tuple[int, int, float]]] = {}
+    with open(path, newline="", encoding="utf-8") as f:
+        reader = csv.reader(f)
+        header = next(reader, None)
+        if header is None or tuple(header) != CSV_FIELDS:
+            raise ValueError(f"{path} is not a torchplug metrics.csv (header {header!r})")
+        for step, epoch, metric, value in reader:
+            series.setdefault(metric, []).append((int(step), int(epoch), float(value)))
+    return series
 
 
 class ProgressBar:
@@ -64,12 +81,17 @@ class ProgressBar:
         self.enabled = enabled and sys.stderr.isatty()
         self._bar: Any = None
 
-    def start_epoch(self, epoch: int, total: int | None) -> None:
+    def start_epoch(self, epoch: int, total: int | None, initial: int = 0) -> None:
         if self.enabled:
-            from tqdm.auto import tqdm
+            from tqdm import tqdm
 
             self.close()
-            self._bar = tqdm(total=total, desc=f"Epoch {epoch}", leave=True, dynamic_ncols=True)
+            try:  # a terminal that reports no size (a fresh pty) would get a zero-width bar
+                sized = os.get_terminal_size(sys.stderr.fileno()).columns > 0
+            except (OSError, ValueError):
+                sized = False
+            self._bar = tqdm(total=total, initial=initial, desc=f"Epoch {epoch}", leave=True, file=sys.stderr,
+                             dynamic_ncols=sized, ncols=None if sized else 100)
 
     def update(self, n: int = 1) -> None:
         if self._bar is not None:

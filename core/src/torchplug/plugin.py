@@ -20,8 +20,11 @@ class Plugin:
 
         Trainer(accelerator="ddp", plugins=[MyDDP()])
 
-    A method whose name is one letter away from a hook name is refused at registration, so a
-    typo never silently disables a hook; prefix helpers with ``_``.
+    So that a typo never silently disables a hook, registration refuses a public method whose
+    name is one edit away from a hook name (two for names longer than 8 letters), any public
+    ``on_*`` method that is not a hook (Lightning habits such as ``on_train_batch_start``), an
+    argument the hook does not pass, and a non-method attribute named like a hook. Prefix
+    helpers with ``_``.
     """
 
     #: ``"precision"`` or ``"strategy"`` when the plugin decides the run's precision or its

@@ -4,13 +4,10 @@ from __future__ import annotations
 
 import functools
 import os
-import signal
-import threading
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -20,6 +17,9 @@ from torchplug.errors import MisconfigurationError, PluginError
 from torchplug.hookcalls import Hooks
 from torchplug.manager import PluginManager, get_plugin_manager
 from torchplug.plugin import Role
+
+if TYPE_CHECKING:
+    from torchplug.loop import FitRun
 
 PRECISIONS = {32: "32", "32": "32", 16: "16", "16": "16", "16-mixed": "16", "bf16": "bf16", "bf16-mixed": "bf16"}
 AMP_BACKENDS = ("native", "apex")
@@ -64,9 +64,9 @@ class Trainer:
         amp_backend: str = "native",
         amp_level: str | None = None,
         max_epochs: int | None = None,
-        max_steps: int = -1,
+        max_steps: int | None = -1,
         accumulate_grad_batches: int = 1,
-        gradient_clip_val: float = 0.0,
+        gradient_clip_val: float | None = 0.0,
         gradient_clip_norm_type: float = 2.0,
         limit_train_batches: int | None = None,
         limit_val_batches: int | None = None,
@@ -84,9 +84,11 @@ class Trainer:
     ) -> None:
         self._init_args = {k: v for k, v in locals().items() if k not in ("self", "__class__")}
         # Lightning 1.1 spelled the strategy as an accelerator: accelerator="ddp".
+        if accelerator is not None and not isinstance(accelerator, str):
+            raise MisconfigurationError(
+                f"accelerator must be a string such as 'cpu', 'gpu' or 'ddp', got {accelerator!r}"
+            )
         if accelerator not in ACCELERATORS:
-            if not isinstance(accelerator, str):
-                raise MisconfigurationError(f"accelerator must be a string such as 'cpu', 'gpu' or 'ddp', got {accelerator!r}")
             if strategy is not None and strategy != accelerator:
                 raise MisconfigurationError(
                     f"accelerator={accelerator!r} names a strategy and strategy={strategy!r} another; pass one."
@@ -101,46 +103,65 @@ class Trainer:
         self.strategy = _check_type("strategy", strategy, (str, type(None)))
         self.devices = _check_devices(devices)
         self.num_nodes = _check_int("num_nodes", num_nodes, minimum=1)
-        if precision not in PRECISIONS:
+        if isinstance(precision, bool) or not isinstance(precision, (int, str)) or precision not in PRECISIONS:
             raise MisconfigurationError(f"precision must be 32, 16 or 'bf16', got {precision!r}")
         self.precision = PRECISIONS[precision]
-        if amp_backend not in AMP_BACKENDS:
+        if not isinstance(amp_backend, str) or amp_backend not in AMP_BACKENDS:
             raise MisconfigurationError(f"amp_backend must be 'native' or 'apex', got {amp_backend!r}")
         self.amp_backend = amp_backend
-        if amp_level is not None and amp_level not in AMP_LEVELS:
+        if amp_level is not None and (not isinstance(amp_level, str) or amp_level not in AMP_LEVELS):
             raise MisconfigurationError(f"amp_level must be one of O0, O1, O2, O3, got {amp_level!r}")
         if amp_level is not None and amp_backend != "apex":
-            raise MisconfigurationError("amp_level applies to amp_backend='apex' only; add amp_backend='apex' or drop amp_level.")
+            raise MisconfigurationError(
+                "amp_level applies to amp_backend='apex' only; add amp_backend='apex' or drop amp_level."
+            )
         if amp_backend == "apex" and self.precision == "bf16":
             raise MisconfigurationError("apex amp has no bf16 mode: use precision='bf16' with amp_backend='native'.")
         self.amp_level = amp_level
         if max_epochs is not None:
             _check_int("max_epochs", max_epochs, minimum=1)
-        self.max_steps = _check_int("max_steps", max_steps, minimum=-1)
+        # Lightning 1.1 wrote "no limit" as max_steps=None, later versions as -1.
+        self.max_steps = -1 if max_steps is None else _check_int("max_steps", max_steps, minimum=-1)
         if self.max_steps == 0:
             raise MisconfigurationError("max_steps must be positive, or -1 for no limit; got 0")
         self.max_epochs = max_epochs if max_epochs is not None else (1000 if self.max_steps == -1 else None)
         self.accumulate_grad_batches = _check_int("accumulate_grad_batches", accumulate_grad_batches, minimum=1)
-        self.gradient_clip_val = _check_number("gradient_clip_val", gradient_clip_val, minimum=0.0)
-        self.gradient_clip_norm_type = _check_number("gradient_clip_norm_type", gradient_clip_norm_type, minimum=0.0, exclusive=True)
-        self.limit_train_batches = None if limit_train_batches is None else _check_int("limit_train_batches", limit_train_batches, minimum=1)
-        self.limit_val_batches = None if limit_val_batches is None else _check_int("limit_val_batches", limit_val_batches, minimum=0)
+        self.gradient_clip_val = 0.0 if gradient_clip_val is None else _check_number(
+            "gradient_clip_val", gradient_clip_val, minimum=0.0)
+        self.gradient_clip_norm_type = _check_number(
+            "gradient_clip_norm_type", gradient_clip_norm_type, minimum=0.0, exclusive=True)
+        self.limit_train_batches = _check_optional_int("limit_train_batches", limit_train_batches, minimum=1)
+        self.limit_val_batches = _check_optional_int("limit_val_batches", limit_val_batches, minimum=0)
         self.check_val_every_n_epoch = _check_int("check_val_every_n_epoch", check_val_every_n_epoch, minimum=1)
         self.log_every_n_steps = _check_int("log_every_n_steps", log_every_n_steps, minimum=1)
         self.enable_progress_bar = _check_type("enable_progress_bar", enable_progress_bar, bool)
         self.enable_checkpointing = _check_type("enable_checkpointing", enable_checkpointing, bool)
         self.logger = _check_type("logger", logger, bool)
-        self.default_root_dir = Path(default_root_dir) if default_root_dir is not None else Path.cwd()
+        if default_root_dir is not None and not isinstance(default_root_dir, (str, os.PathLike)):
+            raise MisconfigurationError(
+                f"default_root_dir must be a path (str or os.PathLike), got {default_root_dir!r} "
+                f"({type(default_root_dir).__name__})"
+            )
+        self.default_root_dir = Path(default_root_dir).absolute() if default_root_dir is not None else Path.cwd()
         self.deterministic = _check_type("deterministic", deterministic, bool)
-        if on_nonfinite_loss not in NONFINITE:
+        if not isinstance(on_nonfinite_loss, str) or on_nonfinite_loss not in NONFINITE:
             raise MisconfigurationError(f"on_nonfinite_loss must be one of {NONFINITE}, got {on_nonfinite_loss!r}")
         self.on_nonfinite_loss = on_nonfinite_loss
         self.checkpoint_weights_only = _check_type("checkpoint_weights_only", checkpoint_weights_only, bool)
+        if isinstance(blocked_plugins, str) or not all(isinstance(b, str) for b in _iterable(blocked_plugins)):
+            raise MisconfigurationError(f"blocked_plugins must be a list of plugin names, got {blocked_plugins!r}")
+        _check_type("autoload_plugins", autoload_plugins, (bool, type(None)))
 
         if plugins is None:
             plugins = []
         elif isinstance(plugins, (str, bytes)) or not isinstance(plugins, Sequence):
             plugins = [plugins]
+        for item in plugins:
+            if item is None or isinstance(item, (bool, int, float, complex, bytes, dict, list, tuple, set, Path)):
+                raise MisconfigurationError(
+                    f"plugins= takes plugin names (str), plugin objects and modules; got {item!r} "
+                    f"({type(item).__name__})."
+                )
         self.pm: PluginManager = get_plugin_manager(
             list(plugins), role_defaults=self._role_defaults(), blocked=list(blocked_plugins), autoload=autoload_plugins
         )
@@ -159,6 +180,7 @@ class Trainer:
         self.lr_schedulers: list[Any] = []
         self.model: nn.Module | None = None
         self.launched_copy = False  # True in a process the launch hook started
+        self._run: FitRun | None = None  # the fit in this process, for save_checkpoint
 
     # ---------------------------------------------------------------------------------------
     @property
@@ -199,11 +221,14 @@ class Trainer:
         from torchplug.loop import check_module, resolve_loaders
 
         check_module(model)
+        if ckpt_path is not None and not isinstance(ckpt_path, (str, os.PathLike)):
+            raise MisconfigurationError(f"ckpt_path must be a path, got {ckpt_path!r} ({type(ckpt_path).__name__})")
         train_loader, val_loader = resolve_loaders(model, train_dataloaders, val_dataloaders)
         resume = None
         if ckpt_path is not None:
-            # Read (and validate) before any work: a corrupt file fails here.
+            # Read and match against the model before any work: a bad file fails here.
             resume = ckpt.load(ckpt_path, weights_only=self.checkpoint_weights_only)
+            ckpt.check_matches(resume, model, ckpt_path)
         function = functools.partial(self._fit_in_process, model, train_loader, val_loader, resume)
         outcome: FitOutcome = self.hooks.launch(trainer=self, function=function)
         if outcome.state_dict is not None:
@@ -219,8 +244,7 @@ class Trainer:
                         resume: dict[str, Any] | None) -> FitOutcome:
         from torchplug.loop import FitRun
 
-        with _sigterm_as_interrupt():
-            outcome = FitRun(self, model, train_loader, val_loader, resume).run()
+        outcome = FitRun(self, model, train_loader, val_loader, resume).run()
         if self.launched_copy and self.is_global_zero:
             outcome.state_dict = {k: v.detach().cpu() for k, v in model.state_dict().items()}
         return outcome
@@ -232,14 +256,30 @@ class Trainer:
 
         check_module(model, need_validation=True)
         _, val_loader = resolve_loaders(model, None, dataloaders, need_train=False)
-        return FitRun(self, model, None, val_loader, None).validate_only()
+        if val_loader is None:
+            raise MisconfigurationError(
+                f"No validation data: pass validate(model, dataloaders=...) or define {type(model).__name__}"
+                ".val_dataloader()."
+            )
+        metrics = FitRun(self, model, None, val_loader, None).validate_only()
+        self.callback_metrics.update(metrics)
+        return metrics
 
     def save_checkpoint(self, path: str | os.PathLike[str]) -> None:
-        """Write a checkpoint of the last fit's state (only valid during or after ``fit``)."""
-        run = getattr(self, "_run", None)
+        """Write a checkpoint of the current fit's state to ``path`` (atomically), during a fit
+        (from a hook) or after one that ran in this process. Only global rank 0 writes."""
+        if not isinstance(path, (str, os.PathLike)):
+            raise MisconfigurationError(f"save_checkpoint needs a path, got {path!r}")
+        run = self._run
         if run is None:
+            if self.checkpoint_path is not None:
+                raise MisconfigurationError(
+                    "The last fit ran in worker processes, whose state is gone; its checkpoint is "
+                    f"{self.checkpoint_path}."
+                )
             raise MisconfigurationError("save_checkpoint needs a model that this Trainer has fitted; call fit first.")
-        run.save_checkpoint(Path(path))
+        if self.is_global_zero:
+            run.save_checkpoint(Path(path))
 
     # Pickling (for worker processes): plugins and hooks are rebuilt from the arguments.
     def __getstate__(self) -> dict[str, Any]:
@@ -248,23 +288,6 @@ class Trainer:
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__init__(**state["init_args"])  # type: ignore[misc]
         self.launched_copy = True
-
-
-@contextmanager
-def _sigterm_as_interrupt() -> Iterator[None]:
-    """Turn SIGTERM into KeyboardInterrupt during fit, so both shut down the same clean way."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-
-    def handler(signum: int, frame: Any) -> None:
-        raise KeyboardInterrupt(f"signal {signal.Signals(signum).name}")
-
-    previous = signal.signal(signal.SIGTERM, handler)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
 
 
 def _check_type(name: str, value: Any, types: type | tuple[type, ...]) -> Any:
@@ -288,6 +311,17 @@ def _check_number(name: str, value: Any, minimum: float, exclusive: bool = False
     if value < minimum or (exclusive and value == minimum):
         raise MisconfigurationError(f"{name} must be {'>' if exclusive else '>='} {minimum}, got {value}")
     return float(value)
+
+
+def _check_optional_int(name: str, value: Any, minimum: int) -> int | None:
+    return None if value is None else _check_int(name, value, minimum)
+
+
+def _iterable(value: Any) -> list[Any]:
+    try:
+        return list(value)
+    except TypeError:
+        return [None]
 
 
 def _check_devices(devices: Any) -> int | str | None:

@@ -1,24 +1,65 @@
-"""Small helpers shared by the core and plugins."""
+"""Small helpers shared by the core and plugins (on the per-step path: kept cheap)."""
 
 from __future__ import annotations
 
 from typing import Any
 
 import torch
+from torch import nn
 from torch.optim import Optimizer
 
 
 def move_to_device(obj: Any, device: torch.device) -> Any:
-    """Move every tensor in a (nested) tuple, list or dict to ``device``; others pass through."""
+    """Move every tensor in a (nested) tuple, namedtuple, list or dict to ``device``; other
+    objects pass through. When every tensor is on ``device`` already (the common case) the
+    object itself is returned, after a check that allocates nothing (~1 µs per batch)."""
+    if _placed(obj, device):
+        return obj
+    return _moved(obj, device)
+
+
+def _placed(obj: Any, device: torch.device) -> bool:
     if isinstance(obj, torch.Tensor):
-        return obj if obj.device == device else obj.to(device, non_blocking=True)
-    if isinstance(obj, tuple):
-        return tuple(move_to_device(o, device) for o in obj)
+        return obj.device == device
+    if isinstance(obj, (tuple, list)):
+        for item in obj:
+            if not _placed(item, device):
+                return False
+    elif isinstance(obj, dict):
+        for item in obj.values():
+            if not _placed(item, device):
+                return False
+    return True
+
+
+def _moved(obj: Any, device: torch.device) -> Any:
+    if isinstance(obj, torch.Tensor):
+        if obj.device == device:
+            return obj
+        # non_blocking only towards an accelerator: a non-blocking copy to the CPU may be read early
+        return obj.to(device, non_blocking=device.type != "cpu")
     if isinstance(obj, list):
-        return [move_to_device(o, device) for o in obj]
+        return [_moved(o, device) for o in obj]
+    if isinstance(obj, tuple):
+        moved = [_moved(o, device) for o in obj]
+        return type(obj)(*moved) if hasattr(obj, "_fields") else tuple(moved)  # namedtuples keep their type
     if isinstance(obj, dict):
-        return {k: move_to_device(v, device) for k, v in obj.items()}
+        return {k: _moved(v, device) for k, v in obj.items()}
     return obj
+
+
+def first_parameter(module: nn.Module) -> torch.Tensor | None:
+    """The module's first parameter in ``parameters()`` order, or None; ~10x cheaper than
+    ``next(module.parameters())``, which builds names and a memo set on every call."""
+    for param in module._parameters.values():
+        if param is not None:
+            return param
+    for child in module._modules.values():
+        if child is not None:
+            found = first_parameter(child)
+            if found is not None:
+                return found
+    return None
 
 
 def optimizer_params(optimizer: Optimizer) -> list[torch.Tensor]:

@@ -63,13 +63,16 @@ def test_initialize_returns_inputs_in_the_shape_given(amp: ModuleType) -> None:
     assert amp.initialize(m1, verbosity=0) is m1
     m1, o1 = _model_opt()
     out_m, out_o = amp.initialize([m1, m2], [o1, o2], verbosity=0)
-    assert out_m == [m1, m2] and out_o == [o1, o2]
+    assert out_m == [m1, m2]
+    assert out_o == [o1, o2]
     m1, o1 = _model_opt()
     m2, o2 = _model_opt()
     out_m, out_o = amp.initialize(m1, [o1], verbosity=0)
-    assert out_m is m1 and out_o == [o1]
+    assert out_m is m1
+    assert out_o == [o1]
     out_m, out_o = amp.initialize([m2], o2, verbosity=0)
-    assert out_m == [m2] and out_o is o2
+    assert out_m == [m2]
+    assert out_o is o2
     with pytest.raises(TypeError, match="optimizers must be either"):
         amp.initialize(m1, (o1,), verbosity=0)
 
@@ -77,7 +80,8 @@ def test_initialize_returns_inputs_in_the_shape_given(amp: ModuleType) -> None:
 def test_initialize_disabled_returns_inputs_untouched(amp: ModuleType) -> None:
     m, o = _model_opt()
     out = amp.initialize(m, o, enabled=False)
-    assert out[0] is m and out[1] is o and not hasattr(o, "_amp_stash")
+    assert out == (m, o)
+    assert not hasattr(o, "_amp_stash")
     assert amp.initialize("anything", enabled=False) == "anything"
     loss = m(X).sum()
     with amp.scale_loss(loss, o) as scaled:
@@ -91,19 +95,19 @@ def test_opt_level_tables_and_overrides(amp: ModuleType) -> None:
         "O2": (torch.float16, False, True, True, "dynamic"),
         "O3": (torch.float16, False, False, False, 1.0),
     }
-    keys = ("cast_model_type", "patch_torch_functions", "keep_batchnorm_fp32",
-            "master_weights", "loss_scale")
+    keys = ("cast_model_type", "patch_torch_functions", "keep_batchnorm_fp32", "master_weights", "loss_scale")
     for level, values in expected.items():
         m, o = _model_opt()
         amp.initialize(m, o, opt_level=level, verbosity=0)
         opts = amp._amp_state.opt_properties.options
-        assert opts["opt_level"] == level and opts["enabled"] is True
+        assert opts["opt_level"] == level
+        assert opts["enabled"] is True
         assert tuple(opts[k] for k in keys) == values
     m, o = _model_opt()
-    amp.initialize(m, o, opt_level="O2", loss_scale="128.0", keep_batchnorm_fp32="False",
-                   verbosity=0)
+    amp.initialize(m, o, opt_level="O2", loss_scale="128.0", keep_batchnorm_fp32="False", verbosity=0)
     opts = amp._amp_state.opt_properties.options
-    assert opts["loss_scale"] == 128.0 and opts["keep_batchnorm_fp32"] is False
+    assert opts["loss_scale"] == 128.0
+    assert opts["keep_batchnorm_fp32"] is False
     assert not amp._amp_state.loss_scalers[0].dynamic
     # apex refuses contradictory overrides (warn_or_err raises without hard_override)
     m, o = _model_opt()
@@ -117,8 +121,7 @@ def test_bad_opt_level_raises(amp: ModuleType) -> None:
         amp.initialize(m, o, opt_level="00")
 
 
-def test_initialize_prints_and_warns_like_apex(amp: ModuleType,
-                                                capsys: pytest.CaptureFixture[str]) -> None:
+def test_initialize_prints_and_warns_like_apex(amp: ModuleType, capsys: pytest.CaptureFixture[str]) -> None:
     import apex
 
     m, o = _model_opt()
@@ -127,6 +130,10 @@ def test_initialize_prints_and_warns_like_apex(amp: ModuleType,
     out = capsys.readouterr().out
     assert "Selected optimization level O1" in out
     assert "After processing overrides, optimization options are:" in out
+    # printed once per process by a python-only apex (no amp_C), like the fake
+    assert out.count("Using Python fallback.") == 1
+    amp.initialize(*_model_opt(), opt_level="O1")
+    assert "Using Python fallback." not in capsys.readouterr().out
 
 
 def test_data_parallel_is_refused(amp: ModuleType) -> None:
@@ -138,12 +145,12 @@ def test_data_parallel_is_refused(amp: ModuleType) -> None:
 def test_distributed_data_parallel_is_refused(amp: ModuleType, tmp_path: Path) -> None:
     owns_group = not dist.is_initialized()
     if owns_group:
-        store = dist.FileStore(str(tmp_path / "store"), 1)
+        store = dist.FileStore(str(tmp_path / "store"), 1)  # type: ignore[attr-defined]
         dist.init_process_group("gloo", store=store, rank=0, world_size=1)
     try:
         m, o = _model_opt()
         ddp = torch.nn.parallel.DistributedDataParallel(m)
-        with pytest.raises(RuntimeError, match="DistributedDataParallel. Parallel wrappers"):
+        with pytest.raises(RuntimeError, match=r"DistributedDataParallel\. Parallel wrappers"):
             amp.initialize(ddp, o, verbosity=0)
     finally:
         if owns_group:
@@ -154,7 +161,7 @@ def test_double_initialize_is_faithful(amp: ModuleType) -> None:
     m, o = _model_opt()
     amp.initialize(m, o, opt_level="O1", verbosity=0)
     amp._amp_state.loss_scalers[0]._loss_scale = 8.0
-    with pytest.raises(RuntimeError, match="only be passed through amp.initialize once"):
+    with pytest.raises(RuntimeError, match=r"only be passed through amp\.initialize once"):
         amp.initialize(m, o, opt_level="O1", verbosity=0)
     # same (fp32) O1 model with a new optimizer: silently re-initialised, scalers reset
     amp.initialize(m, torch.optim.SGD(m.parameters(), lr=0.1), verbosity=0)
@@ -162,17 +169,14 @@ def test_double_initialize_is_faithful(amp: ModuleType) -> None:
     # an O2 model is "already half" the second time round
     m2, o2 = _model_opt()
     amp.initialize(m2, o2, opt_level="O2", verbosity=0)
-    with pytest.raises(RuntimeError, match="with type torch.cuda.HalfTensor, expected"):
-        amp.initialize(m2, torch.optim.SGD(m2.parameters(), lr=0.1), opt_level="O2",
-                       verbosity=0)
+    with pytest.raises(RuntimeError, match=r"with type torch\.cuda\.HalfTensor, expected"):
+        amp.initialize(m2, torch.optim.SGD(m2.parameters(), lr=0.1), opt_level="O2", verbosity=0)
 
 
 # --- scale_loss ---------------------------------------------------------------------
 def test_scale_loss_before_initialize_raises(amp: ModuleType) -> None:
     m, o = _model_opt()
-    with pytest.raises(RuntimeError, match="has not been initialized"), amp.scale_loss(
-        m(X).sum(), o
-    ):
+    with pytest.raises(RuntimeError, match="has not been initialized"), amp.scale_loss(m(X).sum(), o):
         pass
 
 
@@ -216,8 +220,7 @@ def test_static_scale_one_yields_plain_float_loss(amp: ModuleType) -> None:
         assert not torch.equal(w, m.weight)
 
 
-def test_overflow_skips_next_step_and_halves_scale(amp: ModuleType,
-                                                   capsys: pytest.CaptureFixture[str]) -> None:
+def test_overflow_skips_next_step_and_halves_scale(amp: ModuleType, capsys: pytest.CaptureFixture[str]) -> None:
     m, o = _model_opt()
     m, o = amp.initialize(m, o, opt_level="O1")
     capsys.readouterr()
@@ -225,12 +228,12 @@ def test_overflow_skips_next_step_and_halves_scale(amp: ModuleType,
         scaled.backward()
         m.weight.grad[0, 0] = float("inf")
     scaler = amp._amp_state.loss_scalers[0]
-    assert scaler._has_overflow and o._amp_stash.already_patched
+    assert scaler._has_overflow
+    assert o._amp_stash.already_patched
     assert amp.state_dict()["loss_scaler0"] == {"loss_scale": 2.0**15, "unskipped": 0}
     before = [p.detach().clone() for p in m.parameters()]
     o.step()
-    assert "Gradient overflow.  Skipping step, loss scaler 0 reducing loss scale to 32768.0" \
-        in capsys.readouterr().out
+    assert "Gradient overflow.  Skipping step, loss scaler 0 reducing loss scale to 32768.0" in capsys.readouterr().out
     assert all(torch.equal(b, p) for b, p in zip(before, m.parameters()))
     assert not o._amp_stash.already_patched
     assert ("skip_step", {"optimizer": o, "loss_id": 0}) in amp._fake_calls
@@ -293,7 +296,8 @@ def test_o2_master_params_are_separate_fp32_and_step_copies_back(amp: ModuleType
         o.zero_grad(set_to_none=True)  # apex's patched zero_grad takes no arguments
     o.zero_grad()  # lazy init: masters replace the params in param_groups
     masters = list(amp.master_params(o))
-    assert len(masters) == 2 and all(p.dtype == torch.float32 for p in masters)
+    assert len(masters) == 2
+    assert all(p.dtype == torch.float32 for p in masters)
     assert not any(mp is p for mp in masters for p in model_params)
     assert all(torch.equal(mp, p) for mp, p in zip(masters, model_params))
 
@@ -306,7 +310,8 @@ def test_o2_master_params_are_separate_fp32_and_step_copies_back(amp: ModuleType
     expected = [p.detach() - 0.5 * g for p, g in zip(model_params, ref)]
     o.step()
     for mp, p, e in zip(masters, model_params, expected):
-        assert torch.allclose(mp, e) and torch.allclose(p, e)
+        assert torch.allclose(mp, e)
+        assert torch.allclose(p, e)
         assert mp.grad is None  # apex clears master grads after step
     o.zero_grad()
     assert all(p.grad is not None and not p.grad.any() for p in model_params)
@@ -378,9 +383,7 @@ def test_fake_calls_and_reset(amp: ModuleType) -> None:
     assert amp._fake_calls[0][1]["opt_level"] == "O2"
     amp._reset_fake_state()
     assert amp._fake_calls == []
-    with pytest.raises(RuntimeError, match="has not been initialized"), amp.scale_loss(
-        m(X).sum(), o
-    ):
+    with pytest.raises(RuntimeError, match="has not been initialized"), amp.scale_loss(m(X).sum(), o):
         pass
 
 
@@ -400,8 +403,9 @@ def test_pyramid_apex_import_fails_like_pypi_apex(variant: Callable[[str], None]
     with pytest.raises(ImportError) as info:
         importlib.import_module("apex.amp")
     assert not isinstance(info.value, ModuleNotFoundError)
-    assert str(info.value) == ("cannot import name 'UnencryptedCookieSessionFactoryConfig' "
-                               "from 'pyramid.session' (unknown location)")
+    assert str(info.value) == (
+        "cannot import name 'UnencryptedCookieSessionFactoryConfig' from 'pyramid.session' (unknown location)"
+    )
 
 
 def test_apex_2507_has_no_amp(variant: Callable[[str], None]) -> None:
@@ -409,6 +413,6 @@ def test_apex_2507_has_no_amp(variant: Callable[[str], None]) -> None:
     apex = importlib.import_module("apex")
     assert {"optimizers", "normalization"} <= set(apex.__all__)
     assert not hasattr(apex, "amp")
-    with pytest.raises(ModuleNotFoundError, match="No module named 'apex.amp'"):
+    with pytest.raises(ModuleNotFoundError, match=r"No module named 'apex\.amp'"):
         importlib.import_module("apex.amp")
     importlib.import_module("apex.optimizers")

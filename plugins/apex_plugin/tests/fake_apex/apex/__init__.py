@@ -25,9 +25,8 @@ class DeprecatedFeatureWarning(FutureWarning):
 
 def deprecated_warning(msg: str) -> None:
     # Effective condition of apex 25.05: warn unless torch.distributed is initialised on
-    # a non-zero rank. stacklevel stays at the default 1 like apex, so the default
-    # warning filter shows it once per process (one fixed source line).
+    # a non-zero rank. stacklevel=1 (apex's implicit default) points at this line, so
+    # the default warning filter shows it once per process, as with real apex.
     dist = torch.distributed
     if not dist.is_available() or not dist.is_initialized() or dist.get_rank() == 0:
-        warnings.warn(msg, DeprecatedFeatureWarning)
-
+        warnings.warn(msg, DeprecatedFeatureWarning, stacklevel=1)

@@ -69,6 +69,8 @@ def _reset_fake_state() -> None:
     """FAKE-ONLY: forget every initialize() (apex has no way to do this)."""
     _fake_calls.clear()
     _USER_REGISTRY.clear()
+    LossScaler.warned_no_fused_kernel = False
+    LossScaler.warned_unscaling_non_fp32_grad = False
     _amp_state.__dict__.clear()
     _amp_state.__init__()  # type: ignore[misc]
 
@@ -155,10 +157,7 @@ class Properties:
                 )
         elif name == "patch_torch_functions":
             if self.opt_level != "O1" and value:
-                warn_or_err(
-                    "Currently, patch_torch_functions=True should only be set by selecting "
-                    "opt_level='O1'."
-                )
+                warn_or_err("Currently, patch_torch_functions=True should only be set by selecting opt_level='O1'.")
         elif name == "keep_batchnorm_fp32":
             if o1 and value is not None:
                 warn_or_err(
@@ -186,18 +185,46 @@ class Properties:
 
 # (brief, defaults in the order apex assigns them)
 _OPT_LEVELS: dict[str, tuple[str, tuple[tuple[str, Any], ...]]] = {
-    "O3": ("O3:  Pure FP16 training.", (
-        ("cast_model_type", torch.float16), ("patch_torch_functions", False),
-        ("keep_batchnorm_fp32", False), ("master_weights", False), ("loss_scale", 1.0))),
-    "O2": ("O2:  FP16 training with FP32 batchnorm and FP32 master weights.\n", (
-        ("cast_model_type", torch.float16), ("patch_torch_functions", False),
-        ("keep_batchnorm_fp32", True), ("master_weights", True), ("loss_scale", "dynamic"))),
-    "O1": ("O1:  Insert automatic casts around Pytorch functions and Tensor methods.\n", (
-        ("cast_model_type", None), ("patch_torch_functions", True),
-        ("keep_batchnorm_fp32", None), ("master_weights", None), ("loss_scale", "dynamic"))),
-    "O0": ("O0:  Pure FP32 training.\n", (
-        ("cast_model_type", torch.float32), ("patch_torch_functions", False),
-        ("keep_batchnorm_fp32", None), ("master_weights", False), ("loss_scale", 1.0))),
+    "O3": (
+        "O3:  Pure FP16 training.",
+        (
+            ("cast_model_type", torch.float16),
+            ("patch_torch_functions", False),
+            ("keep_batchnorm_fp32", False),
+            ("master_weights", False),
+            ("loss_scale", 1.0),
+        ),
+    ),
+    "O2": (
+        "O2:  FP16 training with FP32 batchnorm and FP32 master weights.\n",
+        (
+            ("cast_model_type", torch.float16),
+            ("patch_torch_functions", False),
+            ("keep_batchnorm_fp32", True),
+            ("master_weights", True),
+            ("loss_scale", "dynamic"),
+        ),
+    ),
+    "O1": (
+        "O1:  Insert automatic casts around Pytorch functions and Tensor methods.\n",
+        (
+            ("cast_model_type", None),
+            ("patch_torch_functions", True),
+            ("keep_batchnorm_fp32", None),
+            ("master_weights", None),
+            ("loss_scale", "dynamic"),
+        ),
+    ),
+    "O0": (
+        "O0:  Pure FP32 training.\n",
+        (
+            ("cast_model_type", torch.float32),
+            ("patch_torch_functions", False),
+            ("keep_batchnorm_fp32", None),
+            ("master_weights", False),
+            ("loss_scale", 1.0),
+        ),
+    ),
 }
 
 
@@ -213,9 +240,22 @@ def _overflowed(grad: torch.Tensor) -> bool:
     return math.isinf(s) or math.isnan(s)
 
 
+def _warn_if_non_fp32(grad: torch.Tensor) -> None:
+    if not LossScaler.warned_unscaling_non_fp32_grad and _amp_type(grad) != "torch.cuda.FloatTensor":
+        maybe_print(
+            f"Attempting to unscale a grad with type {_amp_type(grad)} Unscaling non-fp32 grads may "
+            "indicate an error. When using Amp, you don't need to call .half() on your model."
+        )
+        LossScaler.warned_unscaling_non_fp32_grad = True
+
+
 class LossScaler:
     """Per-loss scaler. Attribute names match apex because plugins read them
     (``_loss_scale``, ``_unskipped``, ``_has_overflow``, ``dynamic``)."""
+
+    warned_no_fused_kernel = False
+    warned_unscaling_non_fp32_grad = False
+    has_fused_kernel = False  # the fake always takes apex's python fallback
 
     def __init__(
         self,
@@ -235,14 +275,23 @@ class LossScaler:
         self._scale_seq_len = scale_window
         self._unskipped = 0
         self._has_overflow = False
+        if not LossScaler.warned_no_fused_kernel:
+            # What a python-only apex (no amp_C, as on the verified GPU setup) prints once.
+            maybe_print(
+                "Warning:  multi_tensor_applier fused unscale kernel is unavailable, possibly "
+                "because apex was installed without --cuda_ext --cpp_ext. Using Python fallback.  "
+                "Original ImportError was: ModuleNotFoundError(\"No module named 'amp_C'\")",
+                True,
+            )
+            LossScaler.warned_no_fused_kernel = True
 
     def loss_scale(self) -> float:
         return self._loss_scale
 
     def unscale(
         self,
-        model_grads: list[torch.Tensor],
-        master_grads: list[torch.Tensor],
+        model_grads: list[Any],
+        master_grads: list[Any],
         unused_scale: Any = None,
         models_are_masters: bool = False,
         scale_override: float | None = None,
@@ -256,6 +305,7 @@ class LossScaler:
         for model, master in zip(model_grads, master_grads):
             if model is None:
                 continue
+            _warn_if_non_fp32(master)
             # overflow is only checked for dynamic scalers, as in apex
             self._has_overflow = self.dynamic and _overflowed(model)
             if self._has_overflow:
@@ -267,9 +317,9 @@ class LossScaler:
 
     def unscale_with_stashed(
         self,
-        model_grads: list[torch.Tensor],
-        stashed_master_grads: list[torch.Tensor],
-        master_grads: list[torch.Tensor],
+        model_grads: list[Any],
+        stashed_master_grads: list[Any],
+        master_grads: list[Any],
         scale_override: tuple[float, float, float] | None = None,
     ) -> None:
         """master = model*out/grads_scale + stashed*out/stashed_scale (accumulation)."""
@@ -282,6 +332,7 @@ class LossScaler:
         for model, stashed, master in zip(model_grads, stashed_master_grads, master_grads):
             if model is None and stashed is None:
                 continue
+            _warn_if_non_fp32(master)
             self._has_overflow = self.dynamic and _overflowed(model)
             if self._has_overflow:
                 break
@@ -347,8 +398,7 @@ def _amp_type(t: torch.Tensor) -> str:
 
 def _bad_type(t: torch.Tensor) -> TypeError:
     return TypeError(
-        "Optimizer's parameters must be either torch.cuda.FloatTensor or "
-        f"torch.cuda.HalfTensor. Received {t.type()}"
+        f"Optimizer's parameters must be either torch.cuda.FloatTensor or torch.cuda.HalfTensor. Received {t.type()}"
     )
 
 
@@ -432,9 +482,7 @@ def _stash_grads(params: list[torch.Tensor], stash: list[Any]) -> None:
         p.grad = None
 
 
-def _post_backward_models_are_masters(
-    scaler: LossScaler, params: list[torch.Tensor], stashed: list[Any]
-) -> None:
+def _post_backward_models_are_masters(scaler: LossScaler, params: list[torch.Tensor], stashed: list[Any]) -> None:
     """Unscale grads in place, adding back any stashed (accumulated) grads."""
     if scaler.loss_scale() == 1.0 and not scaler.dynamic:
         # apex drops the stash here without restoring it
@@ -442,6 +490,8 @@ def _post_backward_models_are_masters(
         return
     plain, with_stash, stash_vals = [], [], []
     for p, s in zip(params, stashed):
+        if p.grad is not None and _is_half(p):
+            p.grad._fake_apex_half = True  # type: ignore[attr-defined]  # the grad of an fp16 param is fp16 in apex
         if p.grad is None and s is not None:
             p.grad = s
         elif p.grad is not None and s is None:
@@ -450,11 +500,9 @@ def _post_backward_models_are_masters(
             with_stash.append(p.grad)
             stash_vals.append(s)
     if plain:
-        scaler.unscale(plain, plain, None, models_are_masters=True,
-                       scale_override=scaler.loss_scale())
+        scaler.unscale(plain, plain, None, models_are_masters=True, scale_override=scaler.loss_scale())
     if with_stash:
-        scaler.unscale_with_stashed(with_stash, stash_vals, with_stash,
-                                    scale_override=(scaler.loss_scale(), 1.0, 1.0))
+        scaler.unscale_with_stashed(with_stash, stash_vals, with_stash, scale_override=(scaler.loss_scale(), 1.0, 1.0))
     stashed[:] = [None] * len(stashed)
 
 
@@ -499,9 +547,7 @@ def _post_backward_with_master_weights(self: _AmpOptimizer, scaler: LossScaler) 
         scaler.unscale(new_model, new_master, scaler.loss_scale(), models_are_masters=False)
     if acc_model:
         scaler.unscale_with_stashed(acc_model, acc_master, acc_master)
-    _post_backward_models_are_masters(
-        scaler, stash.all_fp32_from_fp32_params, stash.all_fp32_from_fp32_grad_stash
-    )
+    _post_backward_models_are_masters(scaler, stash.all_fp32_from_fp32_params, stash.all_fp32_from_fp32_grad_stash)
 
 
 def _master_params_to_model_params(self: _AmpOptimizer) -> None:
@@ -674,7 +720,7 @@ def _patch_forward(model: torch.nn.Module, out_dtype: torch.dtype) -> None:
     def new_fwd(*args: Any, **kwargs: Any) -> Any:
         return _cast_outputs(old_fwd(*args, **kwargs), out_dtype)
 
-    model.forward = new_fwd  # type: ignore[method-assign]
+    model.forward = new_fwd
 
 
 def _initialize(
@@ -724,18 +770,21 @@ def _initialize(
         optimizers[i] = _process_optimizer(optimizer, properties)
 
     _amp_state.loss_scalers = [
-        LossScaler(properties.loss_scale, min_loss_scale=_amp_state.min_loss_scale,
-                   max_loss_scale=_amp_state.max_loss_scale)
+        LossScaler(
+            properties.loss_scale, min_loss_scale=_amp_state.min_loss_scale, max_loss_scale=_amp_state.max_loss_scale
+        )
         for _ in range(num_losses)
     ]
 
     if properties.patch_torch_functions:
         _amp_state.handle = _FakeAmpHandle()  # apex: amp.init() patches torch here
         for optimizer in optimizers:
+
             def patch_step(old_step: Callable[..., Any]) -> Callable[..., Any]:
                 def new_step(self: _AmpOptimizer, *args: Any, **kwargs: Any) -> Any:
                     with disable_casts():
                         return old_step(*args, **kwargs)
+
                 return new_step
 
             optimizer.step = types.MethodType(patch_step(optimizer.step), optimizer)
@@ -779,12 +828,21 @@ def initialize(
     keeps the previous loss_scalers. The fake does the same, minus the torch patching.
     """
     _record(
-        "initialize", models=models, optimizers=optimizers, enabled=enabled,
-        opt_level=opt_level, cast_model_type=cast_model_type,
-        patch_torch_functions=patch_torch_functions, keep_batchnorm_fp32=keep_batchnorm_fp32,
-        master_weights=master_weights, loss_scale=loss_scale,
-        cast_model_outputs=cast_model_outputs, num_losses=num_losses, verbosity=verbosity,
-        min_loss_scale=min_loss_scale, max_loss_scale=max_loss_scale,
+        "initialize",
+        models=models,
+        optimizers=optimizers,
+        enabled=enabled,
+        opt_level=opt_level,
+        cast_model_type=cast_model_type,
+        patch_torch_functions=patch_torch_functions,
+        keep_batchnorm_fp32=keep_batchnorm_fp32,
+        master_weights=master_weights,
+        loss_scale=loss_scale,
+        cast_model_outputs=cast_model_outputs,
+        num_losses=num_losses,
+        verbosity=verbosity,
+        min_loss_scale=min_loss_scale,
+        max_loss_scale=max_loss_scale,
     )
     from apex import deprecated_warning
 
@@ -821,9 +879,12 @@ def initialize(
 
     maybe_print("Processing user overrides (additional kwargs that are not None)...", True)
     overrides = (
-        ("enabled", enabled), ("opt_level", opt_level), ("cast_model_type", cast_model_type),
+        ("enabled", enabled),
+        ("opt_level", opt_level),
+        ("cast_model_type", cast_model_type),
         ("patch_torch_functions", patch_torch_functions),
-        ("keep_batchnorm_fp32", keep_batchnorm_fp32), ("master_weights", master_weights),
+        ("keep_batchnorm_fp32", keep_batchnorm_fp32),
+        ("master_weights", master_weights),
         ("loss_scale", loss_scale),
     )
     for k, v in overrides:
@@ -851,10 +912,7 @@ def load_state_dict(state_dict: Mapping[str, Any]) -> None:
     _record("load_state_dict", state_dict=state_dict)
     scalers = _amp_state.loss_scalers
     if len(state_dict) != len(scalers):
-        print(
-            f"Warning: state_dict contains {len(state_dict)} entries, "
-            f"while {len(scalers)} loss_scalers are used"
-        )
+        print(f"Warning: state_dict contains {len(state_dict)} entries, while {len(scalers)} loss_scalers are used")
     unexpected = []
     idx = 0  # counts only loss_scaler keys, in the dict's order (not by their number)
     for key in dict(state_dict):
@@ -870,7 +928,8 @@ def load_state_dict(state_dict: Mapping[str, Any]) -> None:
     if unexpected:
         raise RuntimeError(
             "Error(s) in loading state_dict. Unexpected key(s) in state_dict: "
-            + ", ".join(f'"{k}"' for k in unexpected) + ". "
+            + ", ".join(f'"{k}"' for k in unexpected)
+            + ". "
         )
 
 
@@ -884,8 +943,7 @@ def _patch_skip_step(optimizer: _AmpOptimizer, scaler: LossScaler, loss_id: int)
         if closure is not None:
             raise RuntimeError("Currently, Amp does not support closure use with optimizers.")
         maybe_print(
-            f"Gradient overflow.  Skipping step, loss scaler {loss_id} reducing loss scale to "
-            f"{scaler.loss_scale()}"
+            f"Gradient overflow.  Skipping step, loss scaler {loss_id} reducing loss scale to {scaler.loss_scale()}"
         )
         _record("skip_step", optimizer=optimizer, loss_id=loss_id)
         if hasattr(optimizer._amp_stash, "all_fp32_from_fp16_params"):
@@ -913,8 +971,13 @@ def scale_loss(
     exit work (unscale, scale update, step patch) does not run.
     """
     _record(
-        "scale_loss", loss=loss, optimizers=optimizers, loss_id=loss_id, model=model,
-        delay_unscale=delay_unscale, delay_overflow_check=delay_overflow_check,
+        "scale_loss",
+        loss=loss,
+        optimizers=optimizers,
+        loss_id=loss_id,
+        model=model,
+        delay_unscale=delay_unscale,
+        delay_overflow_check=delay_overflow_check,
     )
     if not hasattr(_amp_state, "opt_properties"):
         raise RuntimeError(
@@ -996,4 +1059,3 @@ def _register(module: Any, name: str) -> None:
 
 
 register_half_function = register_float_function = register_promote_function = _register
-

@@ -14,7 +14,6 @@ ImportError (message and ``name``) is raised directly.
 """
 
 raise ImportError(
-    "cannot import name 'UnencryptedCookieSessionFactoryConfig' from 'pyramid.session' "
-    "(unknown location)",
+    "cannot import name 'UnencryptedCookieSessionFactoryConfig' from 'pyramid.session' (unknown location)",
     name="pyramid.session",
 )

@@ -1,0 +1,1 @@
+"""Small plugin projects the core tests build as wheels, and the helpers that install them."""

@@ -1,0 +1,1 @@
+"""Test plugins whose import fails."""

@@ -1,0 +1,1 @@
+"""Named test plugins: ``freeze`` (module) and ``precise`` (a precision-role Plugin subclass)."""

@@ -1,0 +1,181 @@
+"""The exact order of every hook call in one process, and what skipped steps do.
+
+``Recorder`` implements every hook of ``torchplug.hookspecs`` with no arguments (pluggy passes
+an implementation only the arguments it names) and returns None, so it changes nothing and
+the built-in defaults still answer every firstresult hook.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import torch
+
+import torchplug
+from torchplug.hookspecs import HOOK_NAMES
+
+
+def _recording(name: str) -> Any:
+    if name == "on_before_forward":
+        def impl(self: Any, args: Any) -> None:
+            self.calls.append(f"{name}:{args[1]}")
+    elif name == "on_train_batch_end":
+        def impl(self: Any, batch_idx: int) -> None:  # type: ignore[misc]
+            self.calls.append(f"{name}:{batch_idx}")
+    elif name in ("on_train_epoch_start", "on_train_epoch_end"):
+        def impl(self: Any, epoch: int) -> None:  # type: ignore[misc]
+            self.calls.append(f"{name}:{epoch}")
+    else:
+        def impl(self: Any) -> None:  # type: ignore[misc]
+            self.calls.append(name)
+    impl.__name__ = impl.__qualname__ = name
+    return impl
+
+
+class Recorder(torchplug.Plugin):
+    def __init__(self) -> None:
+        self.calls: list[str] = []
+
+
+for _name in HOOK_NAMES:
+    setattr(Recorder, _name, _recording(_name))
+
+
+def expected_fit(epochs: int, n_batches: int, accumulate: int, clip: bool, n_val: int, val_metrics: int,
+                 checkpoint: bool, resume: bool = False, first_epoch: int = 0) -> list[str]:
+    """The documented order (loop.py's docstring), written out independently of the loop."""
+    calls = ["launch", "setup_environment", "world_size", "global_rank", "root_device",
+             "on_after_setup_optimizers", "connect_precision", "configure_ddp"]
+    if resume:
+        calls.append("on_load_checkpoint")
+    calls.append("on_fit_start")
+    for epoch in range(first_epoch, epochs):
+        calls.append(f"on_train_epoch_start:{epoch}")
+        for i in range(n_batches):
+            window_end = (i + 1) % accumulate == 0 or i + 1 == n_batches
+            calls.append(f"on_before_forward:{i}")
+            if not window_end:
+                calls.append("block_backward_sync")
+            calls += ["forward_context", "backward"]
+            if window_end:
+                calls += ["unscale_gradients", "on_before_optimizer_step"]
+                if clip:
+                    calls.append("clip_gradients")
+                calls.append("optimizer_step")
+            calls.append(f"on_train_batch_end:{i}")
+        calls.append(f"on_train_epoch_end:{epoch}")
+        if n_val:
+            for j in range(n_val):
+                calls += [f"on_before_forward:{j}", "forward_context"]
+            calls += ["reduce"] * val_metrics
+            calls.append("on_validation_end")
+        if checkpoint:
+            calls.append("on_save_checkpoint")
+    calls += ["on_fit_end", "teardown_environment"]
+    return calls
+
+
+def test_hook_order_with_accumulation_clipping_validation_and_checkpoints(tp: Any, make_trainer: Any) -> None:
+    recorder = Recorder()
+    trainer = make_trainer(plugins=[recorder], max_epochs=2, accumulate_grad_batches=2, gradient_clip_val=1.0)
+    assert recorder.calls == ["check_configuration"]  # from Trainer.__init__
+    recorder.calls.clear()
+    # 40 samples / 8 = 5 batches: windows of 2, 2, 1; 24 / 12 = 2 validation batches
+    trainer.fit(tp.fresh_net(), tp.loader(n=40), tp.loader(n=24, batch_size=12, shuffle=False))
+    assert recorder.calls == expected_fit(epochs=2, n_batches=5, accumulate=2, clip=True, n_val=2,
+                                          val_metrics=2, checkpoint=True)
+    assert trainer.global_step == 6
+
+
+def test_hook_order_without_clipping_validation_or_checkpoints(tp: Any, make_trainer: Any) -> None:
+    recorder = Recorder()
+    trainer = make_trainer(plugins=[recorder], max_epochs=1, accumulate_grad_batches=3, logger=False,
+                           enable_checkpointing=False)
+    recorder.calls.clear()
+    trainer.fit(tp.fresh_net(), tp.loader(n=56))
+    assert recorder.calls == expected_fit(epochs=1, n_batches=7, accumulate=3, clip=False, n_val=0,
+                                          val_metrics=0, checkpoint=False)
+
+
+def test_hook_order_on_resume_and_failure(tp: Any, make_trainer: Any) -> None:
+    first = make_trainer(max_epochs=1, logger=False)
+    first.fit(tp.fresh_net(), tp.loader(n=16))
+    recorder = Recorder()
+    trainer = make_trainer(plugins=[recorder], max_epochs=2, logger=False)
+    recorder.calls.clear()
+    trainer.fit(tp.fresh_net(), tp.loader(n=16), ckpt_path=first.checkpoint_path)
+    assert recorder.calls == expected_fit(epochs=2, n_batches=2, accumulate=1, clip=False, n_val=0, val_metrics=0,
+                                          checkpoint=True, resume=True, first_epoch=1)
+
+    class Boom(torchplug.TrainingModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.lin = torch.nn.Linear(tp.IN, tp.OUT)
+
+        def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+            raise RuntimeError("boom in training_step")
+
+        def configure_optimizers(self) -> torch.optim.Optimizer:
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    recorder.calls.clear()
+    with pytest.raises(RuntimeError, match="boom in training_step"):
+        trainer.fit(Boom(), tp.loader(n=16))
+    setup = expected_fit(0, 0, 1, False, 0, 0, False)[:-2]  # launch ... on_fit_start
+    assert recorder.calls == [*setup, "on_train_epoch_start:0", "on_before_forward:0", "forward_context",
+                              "on_exception", "teardown_environment"]
+
+
+def test_lr_scheduler_is_not_stepped_after_a_skipped_step(tp: Any, make_trainer: Any) -> None:
+    """A precision plugin reports a skipped step by returning False from optimizer_step."""
+
+    class SkipSteps(torchplug.Plugin):
+        def __init__(self, skip: set[int]) -> None:
+            self.skip, self.calls = skip, 0
+
+        def optimizer_step(self, optimizers: list[torch.optim.Optimizer]) -> bool | None:
+            self.calls += 1
+            return False if self.calls in self.skip else None  # None: the default steps
+
+    class WithStepLR(tp.Net):  # type: ignore[misc, name-defined]
+        def configure_optimizers(self) -> Any:
+            opt = torch.optim.SGD(self.parameters(), lr=1.0)
+            sched = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)
+            return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    torch.manual_seed(0)
+    model = WithStepLR()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    trainer = make_trainer(plugins=[SkipSteps({1, 4})], max_steps=6, logger=False, enable_checkpointing=False)
+    trainer.fit(model, tp.loader())
+    assert trainer.global_step == 6
+    assert trainer.callback_metrics["skipped_steps"] == 2.0
+    sched = trainer.lr_schedulers[0]
+    assert sched.last_epoch == 4  # stepped after the 4 real steps only
+    assert trainer.optimizers[0].param_groups[0]["lr"] == 0.5**4
+    assert any(not torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_nonfinite_loss_skip_option(tp: Any, make_trainer: Any) -> None:
+    class NaNAt(tp.Net):  # type: ignore[misc, name-defined]
+        def training_step(self, batch: Any, batch_idx: int) -> Any:
+            loss = super().training_step(batch, batch_idx)
+            return loss * float("nan") if batch_idx in (2, 5) else loss
+
+    torch.manual_seed(0)
+    model = NaNAt(dropout=0.0)
+    trainer = make_trainer(max_epochs=1, on_nonfinite_loss="skip", logger=False, enable_checkpointing=False)
+    trainer.fit(model, tp.loader())
+    assert trainer.global_step == 7  # every batch is a window; two took no step
+    assert trainer.callback_metrics["skipped_steps"] == 2.0
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+    # With accumulation the window's other micro-batches still step.
+    model = NaNAt(dropout=0.0)
+    trainer = make_trainer(max_epochs=1, accumulate_grad_batches=2, on_nonfinite_loss="skip", logger=False,
+                           enable_checkpointing=False)
+    trainer.fit(model, tp.loader())
+    assert trainer.global_step == 4
+    assert "skipped_steps" not in trainer.callback_metrics
+    assert all(torch.isfinite(p).all() for p in model.parameters())

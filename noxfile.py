@@ -1,0 +1,209 @@
+"""nox sessions: each package's tests, the built wheels in a fresh environment, lint, types, demo.
+
+    nox -s tests-core tests-ddp tests-native-amp tests-apex   # one package each, editable installs
+    nox -s wheels       # build the 4 wheels into dist/, pip install "torchplug[all]" from there into
+                        # a fresh venv, run tests/ against them (site-packages, never the source tree)
+    nox -s lint typecheck demo
+    nox -s wheels -- -k conformance    # arguments after -- go to pytest (to `torchplug demo` for demo)
+
+One torch for all: run nox from an interpreter that has torch==2.13.0 (the dev venv, or the one
+.ci/run builds). Every session venv sees that interpreter's torch (and numpy) through symlinks and
+a .pth file (core/src/torchplug/testing/venv.py) instead of installing it again; plain
+``--system-site-packages`` cannot do this when nox itself runs from a venv, as it exposes the
+*base* interpreter's site-packages. pip never resolves torch: every install is constrained to
+the shared torch's version, and the shared copy satisfies it.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import importlib.util
+import json
+import shutil
+import sys
+from pathlib import Path
+from types import ModuleType
+
+import nox
+
+ROOT = Path(__file__).resolve().parent
+PROJECTS = {
+    "torchplug": ROOT / "core",
+    "torchplug-ddp": ROOT / "plugins" / "ddp_plugin",
+    "torchplug-native-amp": ROOT / "plugins" / "native_amp",
+    "torchplug-apex": ROOT / "plugins" / "apex_plugin",
+}
+DIST = ROOT / "dist"
+#: Shared from the interpreter running nox, with what they require.
+SHARED = ("torch", "numpy")
+#: Shared when installed there (the demo's extra), else installed from the index.
+SHARED_IF_PRESENT = ("scikit-learn", "matplotlib")
+#: Test tools every test session installs (small; pip's cache makes it quick).
+TEST_TOOLS = ("pytest>=8", "pytest-timeout>=2.3", "setuptools>=77")
+#: Same versions as the dev venv, so lint and types do not drift with new releases.
+RUFF = "ruff==0.17.6"
+MYPY = "mypy==2.4.1"
+
+nox.options.sessions = ["lint", "typecheck", "tests-core", "tests-ddp", "tests-native-amp", "tests-apex", "wheels"]
+nox.options.default_venv_backend = "venv"
+
+
+def _venvtools() -> ModuleType:
+    """torchplug/testing/venv.py, loaded by path: nox's interpreter need not have torchplug."""
+    spec = importlib.util.spec_from_file_location("_torchplug_venvtools", ROOT / "core/src/torchplug/testing/venv.py")
+    assert spec is not None
+    assert spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _torch_version() -> str:
+    try:
+        version = importlib.metadata.version("torch")
+    except importlib.metadata.PackageNotFoundError:
+        raise SystemExit(f"nox runs on {sys.executable}, which has no torch; run nox from an interpreter with "
+                         "torch==2.13.0 (e.g. the project venv: .venv/bin/nox)") from None
+    return version.split("+")[0]
+
+
+def share_torch(session: nox.Session, extra: tuple[str, ...] = ()) -> Path:
+    """Make the session venv see this interpreter's torch; return a pip constraints file pinning it."""
+    present = tuple(name for name in extra if _installed(name))
+    linked = _venvtools().share_into(Path(session.bin) / "python", SHARED + present)
+    session.log(f"shared from {sys.executable}: {', '.join(linked)}")
+    constraints = Path(session.create_tmp()) / "constraints.txt"
+    constraints.write_text(f"torch=={_torch_version()}\n", encoding="utf-8")
+    return constraints
+
+
+def _installed(name: str) -> bool:
+    try:
+        importlib.metadata.distribution(name)
+        return True
+    except importlib.metadata.PackageNotFoundError:
+        return False
+
+
+def package_tests(session: nox.Session, *projects: str, tests: list[str]) -> None:
+    """Editable installs of the core (with its demo extra) and ``projects``, torch shared, then
+    pytest on ``tests``."""
+    constraints = share_torch(session, extra=SHARED_IF_PRESENT)
+    session.install("-c", str(constraints), *TEST_TOOLS)
+    editable = ["-e", f"{PROJECTS['torchplug']}[demo]"]
+    editable += [arg for name in projects for arg in ("-e", str(PROJECTS[name]))]
+    session.install("-c", str(constraints), "--no-build-isolation", *editable)
+    session.run("pytest", *tests, *session.posargs, env={"OMP_NUM_THREADS": "1"})
+
+
+@nox.session(name="tests-core")
+def tests_core(session: nox.Session) -> None:
+    """The core's own tests (core/tests)."""
+    package_tests(session, tests=["core/tests"])
+
+
+@nox.session(name="tests-ddp")
+def tests_ddp(session: nox.Session) -> None:
+    """torchplug-ddp's tests (real gloo processes)."""
+    package_tests(session, "torchplug-ddp", tests=["plugins/ddp_plugin/tests"])
+
+
+# The precision plugins' tests include runs combined with DDP: the ddp plugin comes along.
+@nox.session(name="tests-native-amp")
+def tests_native_amp(session: nox.Session) -> None:
+    """torchplug-native-amp's tests."""
+    package_tests(session, "torchplug-native-amp", "torchplug-ddp", tests=["plugins/native_amp/tests"])
+
+
+@nox.session(name="tests-apex")
+def tests_apex(session: nox.Session) -> None:
+    """torchplug-apex's tests, against the fake apex 25.05 in plugins/apex_plugin/tests/fake_apex."""
+    package_tests(session, "torchplug-apex", "torchplug-ddp", tests=["plugins/apex_plugin/tests"])
+
+
+@nox.session
+def wheels(session: nox.Session) -> None:
+    """Build the four wheels into dist/, install "torchplug[all]" from that folder into this fresh
+    venv, and run tests/ against the installed wheels (conftest refuses the source tree)."""
+    constraints = share_torch(session)
+    session.install("-c", str(constraints), *TEST_TOOLS)
+    build_wheels(session)
+    # What `pip install "torchplug[apex]"` from the wheel folder would install: never PyPI's `apex`
+    # (an unrelated 2013 Pyramid toolkit), which would shadow NVIDIA apex.
+    report = Path(session.create_tmp()) / "apex-extra.json"
+    session.run("python", "-m", "pip", "install", "--dry-run", "--quiet", "--report", str(report),
+                "--find-links", str(DIST), "-c", str(constraints), "torchplug[apex]")
+    would_install = {item["metadata"]["name"].lower() for item in json.loads(report.read_text())["install"]}
+    session.log(f'pip install "torchplug[apex]" would install: {", ".join(sorted(would_install))}')
+    if "apex" in would_install or not {"torchplug", "torchplug-apex"} <= would_install:
+        session.error(f'pip install "torchplug[apex]" resolves to {sorted(would_install)}')
+
+    session.install("--find-links", str(DIST), "-c", str(constraints), "torchplug[all]")
+    session.run("python", "-c", CHECK_INSTALLED)
+    session.run("pytest", "tests", *session.posargs, env={
+        "TORCHPLUG_TEST_INSTALLED": "1", "TORCHPLUG_WHEELHOUSE": str(DIST), "OMP_NUM_THREADS": "1"})
+
+
+CHECK_INSTALLED = """
+import importlib.metadata as md, json, subprocess, sys
+names = {d.metadata["Name"].lower() for d in md.distributions()}
+assert "apex" not in names, "a distribution named apex is installed"
+listed = {p["name"].lower() for p in json.loads(subprocess.run(
+    [sys.executable, "-m", "pip", "list", "--format=json"], capture_output=True, text=True, check=True).stdout)}
+assert "apex" not in listed, "pip list shows apex"
+expected = {"torchplug", "torchplug-ddp", "torchplug-native-amp", "torchplug-apex"}
+assert expected <= names, sorted(expected - names)
+for name in sorted(expected):
+    direct = md.distribution(name).read_text("direct_url.json")
+    assert not direct or "editable" not in direct, f"{name} is an editable install"
+    print(f"{name} {md.version(name)} from the wheel folder")
+print("no distribution named apex installed")
+"""
+
+
+def build_wheels(session: nox.Session) -> None:
+    """Wheels of the four projects into dist/, built from copies (no build/ or egg-info in the tree)."""
+    DIST.mkdir(exist_ok=True)
+    for old in DIST.glob("torchplug*.whl"):
+        old.unlink()
+    work = Path(session.create_tmp()) / "build"
+    shutil.rmtree(work, ignore_errors=True)
+    for project in PROJECTS.values():
+        copy = work / project.name
+        shutil.copytree(project, copy, ignore=shutil.ignore_patterns(
+            "build", "dist", "*.egg-info", "__pycache__", ".pytest_cache", "tests"))
+        session.run("python", "-m", "pip", "wheel", "--quiet", "--no-deps", "--no-build-isolation", "--no-index",
+                    "--wheel-dir", str(DIST), str(copy))
+    built = sorted(p.name for p in DIST.glob("torchplug*.whl"))
+    session.log(f"dist/: {', '.join(built)}")
+    if len(built) != len(PROJECTS):
+        session.error(f"expected {len(PROJECTS)} wheels in dist/, got {built}")
+
+
+@nox.session
+def lint(session: nox.Session) -> None:
+    """ruff over the whole repository."""
+    session.install(RUFF)
+    session.run("ruff", "check", ".", *session.posargs)
+
+
+@nox.session
+def typecheck(session: nox.Session) -> None:
+    """mypy --strict on the core; mypy on the plugins' and the template's sources."""
+    constraints = share_torch(session)
+    session.install("-c", str(constraints), MYPY, "pytest>=8", "setuptools>=77")
+    editable = [arg for project in PROJECTS.values() for arg in ("-e", str(project))]
+    session.install("-c", str(constraints), "--no-build-isolation", *editable)
+    session.run("mypy", "--strict", "core/src/torchplug")
+    plugin_sources = [str(p.relative_to(ROOT)) for p in sorted((ROOT / "plugins").glob("*/src"))]
+    session.run("mypy", *plugin_sources, "examples/plugin-template/src")
+
+
+@nox.session
+def demo(session: nox.Session) -> None:
+    """`torchplug demo`: trains the built-in example (scikit-learn's digits) on the CPU."""
+    constraints = share_torch(session, extra=SHARED_IF_PRESENT)
+    session.install("-c", str(constraints), "setuptools>=77")
+    session.install("-c", str(constraints), "--no-build-isolation", "-e", f"{PROJECTS['torchplug']}[demo]")
+    root = Path(session.create_tmp()) / "demo"
+    session.run("torchplug", "demo", "--no-progress-bar", "--root-dir", str(root), *session.posargs)
