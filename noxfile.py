@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import importlib.metadata
 import importlib.util
-import json
 import shutil
 import sys
 from pathlib import Path
@@ -34,8 +33,9 @@ PROJECTS = {
     "torchplug-apex": ROOT / "plugins" / "apex_plugin",
 }
 DIST = ROOT / "dist"
-#: Shared from the interpreter running nox, with what they require.
-SHARED = ("torch", "numpy")
+#: Shared from the interpreter running nox, with what they require. pip too: the venvs are made
+#: without one, and tests run ``python -m pip`` (to build wheels and fill venvs of their own).
+SHARED = ("torch", "numpy", "pip")
 #: Shared when installed there (the demo's extra), else installed from the index.
 SHARED_IF_PRESENT = ("scikit-learn", "matplotlib")
 #: Test tools every test session installs (small; pip's cache makes it quick).
@@ -46,6 +46,9 @@ MYPY = "mypy==2.4.1"
 
 nox.options.sessions = ["lint", "typecheck", "tests-core", "tests-ddp", "tests-native-amp", "tests-apex", "wheels"]
 nox.options.default_venv_backend = "venv"
+#: No ensurepip (~5 s a venv, and its old setuptools would shadow the shared one): installs run
+#: the pip of the interpreter running nox with --python (see pip()).
+VENV = {"venv_params": ["--without-pip"]}
 
 
 def _venvtools() -> ModuleType:
@@ -77,6 +80,11 @@ def share_torch(session: nox.Session, extra: tuple[str, ...] = ()) -> Path:
     return constraints
 
 
+def pip(session: nox.Session, *args: str) -> None:
+    """``pip <args>`` for the session venv, run by nox's own pip (the venv has none)."""
+    session.run(sys.executable, "-m", "pip", "--python", str(Path(session.bin) / "python"), *args, external=True)
+
+
 def _installed(name: str) -> bool:
     try:
         importlib.metadata.distribution(name)
@@ -89,60 +97,74 @@ def package_tests(session: nox.Session, *projects: str, tests: list[str]) -> Non
     """Editable installs of the core (with its demo extra) and ``projects``, torch shared, then
     pytest on ``tests``."""
     constraints = share_torch(session, extra=SHARED_IF_PRESENT)
-    session.install("-c", str(constraints), *TEST_TOOLS)
     editable = ["-e", f"{PROJECTS['torchplug']}[demo]"]
     editable += [arg for name in projects for arg in ("-e", str(PROJECTS[name]))]
-    session.install("-c", str(constraints), "--no-build-isolation", *editable)
+    pip(session, "install", "--quiet", "-c", str(constraints), *TEST_TOOLS)
+    pip(session, "install", "--quiet", "-c", str(constraints), "--no-build-isolation", *editable)
     session.run("pytest", *tests, *session.posargs, env={"OMP_NUM_THREADS": "1"})
 
 
-@nox.session(name="tests-core")
+@nox.session(name="tests-core", **VENV)
 def tests_core(session: nox.Session) -> None:
     """The core's own tests (core/tests)."""
     package_tests(session, tests=["core/tests"])
 
 
-@nox.session(name="tests-ddp")
+@nox.session(name="tests-ddp", **VENV)
 def tests_ddp(session: nox.Session) -> None:
     """torchplug-ddp's tests (real gloo processes)."""
     package_tests(session, "torchplug-ddp", tests=["plugins/ddp_plugin/tests"])
 
 
 # The precision plugins' tests include runs combined with DDP: the ddp plugin comes along.
-@nox.session(name="tests-native-amp")
+@nox.session(name="tests-native-amp", **VENV)
 def tests_native_amp(session: nox.Session) -> None:
     """torchplug-native-amp's tests."""
     package_tests(session, "torchplug-native-amp", "torchplug-ddp", tests=["plugins/native_amp/tests"])
 
 
-@nox.session(name="tests-apex")
+@nox.session(name="tests-apex", **VENV)
 def tests_apex(session: nox.Session) -> None:
     """torchplug-apex's tests, against the fake apex 25.05 in plugins/apex_plugin/tests/fake_apex."""
     package_tests(session, "torchplug-apex", "torchplug-ddp", tests=["plugins/apex_plugin/tests"])
 
 
-@nox.session
+@nox.session(**VENV)
 def wheels(session: nox.Session) -> None:
     """Build the four wheels into dist/, install "torchplug[all]" from that folder into this fresh
     venv, and run tests/ against the installed wheels (conftest refuses the source tree)."""
     constraints = share_torch(session)
-    session.install("-c", str(constraints), *TEST_TOOLS)
+    pip(session, "install", "--quiet", "-c", str(constraints), *TEST_TOOLS)
     build_wheels(session)
-    # What `pip install "torchplug[apex]"` from the wheel folder would install: never PyPI's `apex`
-    # (an unrelated 2013 Pyramid toolkit), which would shadow NVIDIA apex.
-    report = Path(session.create_tmp()) / "apex-extra.json"
-    session.run("python", "-m", "pip", "install", "--dry-run", "--quiet", "--report", str(report),
-                "--find-links", str(DIST), "-c", str(constraints), "torchplug[apex]")
-    would_install = {item["metadata"]["name"].lower() for item in json.loads(report.read_text())["install"]}
-    session.log(f'pip install "torchplug[apex]" would install: {", ".join(sorted(would_install))}')
-    if "apex" in would_install or not {"torchplug", "torchplug-apex"} <= would_install:
-        session.error(f'pip install "torchplug[apex]" resolves to {sorted(would_install)}')
-
-    session.install("--find-links", str(DIST), "-c", str(constraints), "torchplug[all]")
+    check_apex_extra(session, constraints)
+    # A reused venv (nox -r) may hold older builds of the same version: start from none.
+    pip(session, "uninstall", "--yes", "--quiet", *PROJECTS)
+    pip(session, "install", "--quiet", "--find-links", str(DIST), "-c", str(constraints), "torchplug[all]")
     session.run("python", "-c", CHECK_INSTALLED)
     session.run("pytest", "tests", *session.posargs, env={
         "TORCHPLUG_TEST_INSTALLED": "1", "TORCHPLUG_WHEELHOUSE": str(DIST), "OMP_NUM_THREADS": "1"})
 
+
+def check_apex_extra(session: nox.Session, constraints: Path) -> None:
+    """`pip install "torchplug[apex]"` from dist/ into a fresh venv pulls torchplug-apex and
+    never a distribution named `apex` (PyPI's is an unrelated 2013 Pyramid toolkit)."""
+    env_dir = Path(session.create_tmp()) / "apex-extra"
+    shutil.rmtree(env_dir, ignore_errors=True)
+    python = _venvtools().create(env_dir, share=SHARED)
+    session.run(sys.executable, "-m", "pip", "--python", str(python), "install", "--quiet", "--find-links",
+                str(DIST), "-c", str(constraints), "torchplug[apex]", external=True)
+    session.run(str(python), "-c", CHECK_APEX_EXTRA, external=True)
+
+
+CHECK_APEX_EXTRA = """
+import importlib.metadata as md
+names = sorted(d.metadata["Name"].lower() for d in md.distributions())
+print('pip install "torchplug[apex]" installed:', ", ".join(n for n in names if n.startswith("torchplug")))
+assert "torchplug-apex" in names, names
+assert "apex" not in names, f"a distribution named apex was installed: {names}"
+import torchplug_apex
+print("no distribution named apex; torchplug_apex imports from", torchplug_apex.__file__)
+"""
 
 CHECK_INSTALLED = """
 import importlib.metadata as md, json, subprocess, sys
@@ -172,38 +194,39 @@ def build_wheels(session: nox.Session) -> None:
         copy = work / project.name
         shutil.copytree(project, copy, ignore=shutil.ignore_patterns(
             "build", "dist", "*.egg-info", "__pycache__", ".pytest_cache", "tests"))
-        session.run("python", "-m", "pip", "wheel", "--quiet", "--no-deps", "--no-build-isolation", "--no-index",
-                    "--wheel-dir", str(DIST), str(copy))
+        pip(session, "wheel", "--quiet", "--no-deps", "--no-build-isolation", "--no-index", "--wheel-dir", str(DIST),
+            str(copy))
     built = sorted(p.name for p in DIST.glob("torchplug*.whl"))
     session.log(f"dist/: {', '.join(built)}")
     if len(built) != len(PROJECTS):
         session.error(f"expected {len(PROJECTS)} wheels in dist/, got {built}")
 
 
-@nox.session
+@nox.session(**VENV)
 def lint(session: nox.Session) -> None:
     """ruff over the whole repository."""
-    session.install(RUFF)
+    pip(session, "install", "--quiet", RUFF)
     session.run("ruff", "check", ".", *session.posargs)
 
 
-@nox.session
+@nox.session(**VENV)
 def typecheck(session: nox.Session) -> None:
     """mypy --strict on the core; mypy on the plugins' and the template's sources."""
     constraints = share_torch(session)
-    session.install("-c", str(constraints), MYPY, "pytest>=8", "setuptools>=77")
+    pip(session, "install", "--quiet", "-c", str(constraints), MYPY, "pytest>=8", "setuptools>=77")
     editable = [arg for project in PROJECTS.values() for arg in ("-e", str(project))]
-    session.install("-c", str(constraints), "--no-build-isolation", *editable)
+    pip(session, "install", "--quiet", "-c", str(constraints), "--no-build-isolation", *editable)
     session.run("mypy", "--strict", "core/src/torchplug")
     plugin_sources = [str(p.relative_to(ROOT)) for p in sorted((ROOT / "plugins").glob("*/src"))]
     session.run("mypy", *plugin_sources, "examples/plugin-template/src")
 
 
-@nox.session
+@nox.session(**VENV)
 def demo(session: nox.Session) -> None:
     """`torchplug demo`: trains the built-in example (scikit-learn's digits) on the CPU."""
     constraints = share_torch(session, extra=SHARED_IF_PRESENT)
-    session.install("-c", str(constraints), "setuptools>=77")
-    session.install("-c", str(constraints), "--no-build-isolation", "-e", f"{PROJECTS['torchplug']}[demo]")
+    pip(session, "install", "--quiet", "-c", str(constraints), "setuptools>=77")
+    pip(session, "install", "--quiet", "-c", str(constraints), "--no-build-isolation", "-e",
+        f"{PROJECTS['torchplug']}[demo]")
     root = Path(session.create_tmp()) / "demo"
     session.run("torchplug", "demo", "--no-progress-bar", "--root-dir", str(root), *session.posargs)

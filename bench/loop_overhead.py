@@ -4,6 +4,7 @@
 Usage:
     python bench/loop_overhead.py [--sizes tiny,compute] [--reps 9] [--clip 1.0] [--quick]
     python bench/loop_overhead.py --profile 3000      # cProfile of the Trainer's tiny step path
+    python bench/loop_overhead.py --count-calls       # Python calls per step, hand loop vs Trainer
 
 Sizes: ``tiny`` is the MLP 32-64-10 at batch 32 (the loop's own cost dominates), ``compute`` the
 MLP 512-2048-2048-10 at batch 256 (~0.1 s of matmuls per step on one CPU thread). Targets:
@@ -101,6 +102,24 @@ def profile(steps: int, clip: float) -> str:
     return out.getvalue() + f"\n{calls / steps:.0f} Python function calls per step\n"
 
 
+def calls_per_step(fit: Any, clip: float) -> float:
+    """Python function calls per tiny step, counted by cProfile: the difference between runs of
+    1,000 and 2,000 steps, so setup and teardown cancel. A count, not a time: it does not
+    change with the machine's speed, unlike the timings on a shared VM."""
+    widths, batch = h.SIZES["tiny"]
+    batches = h.make_batches(widths, batch)
+    counts = []
+    for steps in (1000, 2000):
+        fit(h.make_mlp(widths), h.TimedLoader(batches, 20), clip)  # warm
+        profiler = cProfile.Profile()
+        profiler.enable()
+        fit(h.make_mlp(widths), h.TimedLoader(batches, steps), clip)
+        profiler.disable()
+        stats = pstats.Stats(profiler)
+        counts.append(sum(s[1] for s in stats.stats.values()))  # type: ignore[attr-defined]
+    return (counts[1] - counts[0]) / 1000
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0] if __doc__ else None)
     parser.add_argument("--sizes", default="tiny,compute", help="comma list of tiny,compute")
@@ -109,6 +128,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--clip", type=float, default=1.0, help="max grad norm; 0 disables clipping")
     parser.add_argument("--no-lightning", action="store_true", help="leave out the Lightning column")
     parser.add_argument("--quick", action="store_true", help="smoke mode: proves the script runs; not a measurement")
+    parser.add_argument("--count-calls", action="store_true",
+                        help="count Python calls per tiny step, hand loop and Trainer (noise-free)")
     parser.add_argument("--profile", type=int, default=0, metavar="STEPS",
                         help="print a cProfile of STEPS tiny Trainer steps instead of benchmarking")
     args = parser.parse_args(argv)
@@ -116,6 +137,11 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_num_threads(1)
     if args.profile:
         print(profile(args.profile, args.clip))
+        return
+    if args.count_calls:
+        counted = {name: calls_per_step(IMPLS[name], args.clip) for name in ("hand", "torchplug")}
+        print(f"Python calls per tiny step: hand {counted['hand']:.0f}, torchplug {counted['torchplug']:.0f}")
+        h.emit({"bench": "loop_overhead", "calls_per_step": counted})
         return
     if args.reps is None:
         args.reps = 1 if args.quick else 9

@@ -24,7 +24,7 @@ INSTALLED_ENV = "TORCHPLUG_TEST_INSTALLED"
 WHEELHOUSE_ENV = "TORCHPLUG_WHEELHOUSE"
 PACKAGES = {"torchplug": "torchplug", "torchplug_ddp": "torchplug-ddp",
             "torchplug_native_amp": "torchplug-native-amp", "torchplug_apex": "torchplug-apex"}
-SRC_DIRS = [REPO / "core" / "src", *sorted((REPO / "plugins").glob("*/src"))]
+SRC_DIRS = [REPO / "core" / "src", *sorted(REPO.glob("plugins/*/src")), *sorted(REPO.glob("examples/*/src"))]
 
 
 def _origin(module: str) -> str:
@@ -50,7 +50,7 @@ def installed_problems() -> list[str]:
             continue
         if not path.is_relative_to(site):
             problems.append(f"{module} comes from {path}, not from {site}")
-        if path.is_relative_to(REPO):
+        if any(path.is_relative_to(src) for src in SRC_DIRS):
             problems.append(f"{module} comes from the source tree ({path})")
         direct_url = importlib.metadata.distribution(dist).read_text("direct_url.json")
         if direct_url and json.loads(direct_url).get("dir_info", {}).get("editable"):

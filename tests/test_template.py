@@ -127,7 +127,7 @@ def test_template_tests_pass_in_a_fresh_environment(fresh_env: dict[str, Path]) 
     project = copy_project(TEMPLATE, fresh_env["root"] / "template-src")
     # The installed wheel, not the copy's src/, must be what the tests import.
     proc = subprocess.run(
-        [str(fresh_env["python"]), "-m", "pytest", "-p", "no:cacheprovider", "-q", "-x", "-p", "no:randomly"],
+        [str(fresh_env["python"]), "-m", "pytest", "-p", "no:cacheprovider", "-q", "-x"],
         cwd=project, env=_env(), capture_output=True, text=True, timeout=600,
     )
     assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-3000:]

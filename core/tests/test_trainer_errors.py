@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -219,6 +220,8 @@ BAD_ARGUMENTS = [
     ({"default_root_dir": 5}, "default_root_dir must be a path"),
     ({"on_nonfinite_loss": "warn"}, "on_nonfinite_loss must be one of"),
     ({"checkpoint_weights_only": "no"}, "checkpoint_weights_only must be bool"),
+    ({"devices": 2, "strategy": "single_device"}, "strategy='single_device' trains in one process"),
+    ({"num_nodes": 2, "on_nonfinite_loss": "skip"}, "on_nonfinite_loss='skip' cannot run on several processes"),
     ({"plugins": [42]}, r"plugins= takes plugin names \(str\), plugin objects and modules; got 42"),
     ({"plugins": [None]}, "plugins= takes plugin names"),
     ({"blocked_plugins": "ddp"}, "blocked_plugins must be a list of plugin names"),
@@ -273,3 +276,33 @@ def test_unwritable_root_dir_fails_before_training(tp: Any, tmp_path: Path) -> N
     with pytest.raises(MisconfigurationError, match="Cannot create the run folder"):
         trainer.fit(tp.fresh_net(), tp.loader())
     assert calls == []
+
+
+@pytest.mark.skipif(sys.version_info < (3, 11), reason="exception notes need Python 3.11")
+def test_an_exception_from_the_step_keeps_its_type_and_gets_a_note_saying_where(tp: Any, make_trainer: Any) -> None:
+    class FailsAt(tp.Net):  # type: ignore[misc, name-defined]
+        def training_step(self, batch: Any, batch_idx: int) -> Any:
+            if self.trainer_epoch == 1 and batch_idx == 3:
+                raise ValueError("the model rejects this batch")
+            return super().training_step(batch, batch_idx)
+
+    model = FailsAt()
+    model.trainer_epoch = 0
+
+    class Epochs(torchplug.Plugin):
+        def on_train_epoch_start(self, epoch: int) -> None:
+            model.trainer_epoch = epoch
+
+    with pytest.raises(ValueError, match="the model rejects this batch") as info:
+        make_trainer(max_epochs=2, plugins=[Epochs()], logger=False).fit(model, tp.loader())
+    assert info.value.__notes__ == ["torchplug: raised during train at epoch 1, batch 3 (global step 10)."]
+
+    class FailsInValidation(tp.Net):  # type: ignore[misc, name-defined]
+        def validation_step(self, batch: Any, batch_idx: int) -> None:
+            if batch_idx == 1:
+                raise KeyError("val")
+
+    with pytest.raises(KeyError) as info:
+        make_trainer(max_epochs=1, logger=False).fit(FailsInValidation(), tp.loader(), tp.loader(n=24))
+    assert info.value.__notes__ == ["torchplug: raised during validation at epoch 0, validation batch 1 "
+                                    "(global step 7)."]

@@ -104,7 +104,8 @@ if __name__ == "__main__":
         model, trainer = fit(root, 10_000 if mode == "external" else 12, plugins=plugins, sleep=sleep,
                              interrupt_at=interrupt_at, progress=progress)
     except KeyboardInterrupt as exc:
-        print(json.dumps({"interrupted": str(exc), "global_step": TRAINER.global_step}), flush=True)
+        print(json.dumps({"interrupted": str(exc), "global_step": TRAINER.global_step,
+                          "checkpoint": TRAINER.checkpoint_path}), flush=True)
         sys.exit(3)
     print(json.dumps({"interrupted": None, "global_step": trainer.global_step}), flush=True)
 '''
@@ -145,9 +146,10 @@ def _import(script: Path) -> Any:
 def test_sigterm_stops_after_the_step_and_resume_is_exact(script: Path, tmp_path: Path) -> None:
     result = _run(script, "self-sigterm", str(tmp_path / "stopped"))
     assert result.returncode == 3, result.stderr
-    assert json.loads(result.stdout.splitlines()[-1]) == {"interrupted": "stopped by SIGTERM", "global_step": 6}
-    assert "SIGTERM received, stopping after the current step" in result.stderr
     path = _last_checkpoint(tmp_path / "stopped")
+    assert json.loads(result.stdout.splitlines()[-1]) == {"interrupted": "stopped by SIGTERM", "global_step": 6,
+                                                          "checkpoint": str(path)}
+    assert "SIGTERM received, stopping after the current step" in result.stderr
     data = ckpt.load(path)
     assert (data["global_step"], data["epoch"], data["batch_in_epoch"]) == (6, 1, 4)  # the window finished
     # The checkpoint is an exact resume point: same weights as a run that was never stopped.
@@ -173,7 +175,8 @@ def test_raw_keyboard_interrupt_checkpoints_the_last_completed_step(script: Path
     result = _run(script, "raw", str(tmp_path))
     assert result.returncode == 3, result.stderr
     assert json.loads(result.stdout.splitlines()[-1]) == {
-        "interrupted": "raw interrupt inside training_step", "global_step": 5}
+        "interrupted": "raw interrupt inside training_step", "global_step": 5,
+        "checkpoint": str(_last_checkpoint(tmp_path))}
     data = ckpt.load(_last_checkpoint(tmp_path))
     assert (data["global_step"], data["epoch"], data["batch_in_epoch"]) == (5, 1, 2)
     csv = next(tmp_path.glob("torchplug_logs/version_*/metrics.csv")).read_text().splitlines()
@@ -202,7 +205,8 @@ def test_external_signal_mid_epoch(script: Path, tmp_path: Path, signum: int) ->
     assert proc.returncode == 3, stderr
     report = json.loads(stdout.splitlines()[-1])
     assert report["interrupted"] == f"stopped by {signal.Signals(signum).name}"
-    data = ckpt.load(_last_checkpoint(tmp_path))
+    assert report["checkpoint"] == str(_last_checkpoint(tmp_path))
+    data = ckpt.load(report["checkpoint"])
     assert data["global_step"] == report["global_step"] >= 3
     assert data["batch_in_epoch"] % 2 == 0 or data["batch_in_epoch"] == 7  # at a window's end
     # stderr is a pipe, not a terminal: no progress bar although enable_progress_bar=True

@@ -139,7 +139,7 @@ def add_parsers(subparsers: Any) -> None:
     demo = subparsers.add_parser(
         "demo", help="train an MLP on scikit-learn's digits (needs torchplug[demo])",
         description="Train an MLP on scikit-learn's bundled digits data set on the CPU in seconds "
-                    "(>= 95%% validation accuracy), with any plugins, devices and precision.",
+                    "(>= 95% validation accuracy), with any plugins, devices and precision.",
     )
     _add_run_options(demo, default_epochs=DEMO_EPOCHS)
     demo.add_argument("--hidden", type=_positive_int, default=128, help="hidden width (default 128)")
@@ -250,7 +250,10 @@ def load_target(target: str) -> type[nn.Module]:
     if not sep or not module_name or not attr_path:
         raise TargetError(f"Expected package.module:Class, got {target!r} (e.g. torchplug fit mymodel:MyModule).")
     if os.getcwd() not in sys.path and "" not in sys.path:
-        sys.path.insert(0, os.getcwd())
+        # Last, not first: a file in the working directory must never shadow an installed
+        # package (a plugin module, say); spawned DDP workers inherit the path, so they can
+        # unpickle the user's class too.
+        sys.path.append(os.getcwd())
     try:
         module = importlib.import_module(module_name)
     except ModuleNotFoundError as exc:

@@ -2,9 +2,9 @@
 
 A pluggy call costs ~1.3 µs even with no implementation and ~2 µs with one. Most hooks in a
 run have exactly one implementation (the core's default or the one plugin of a role), so each
-call site here is resolved once: no implementation → a no-op, one plain implementation → a
-direct call, otherwise pluggy's own caller. ``on_before_forward`` is chained, so the core
-calls its implementations itself, in pluggy's order.
+call site here is resolved once: no implementation → a no-op, plain implementations → direct
+calls in pluggy's order with pluggy's result rules, wrappers → pluggy's own caller.
+``on_before_forward`` is chained, so the core calls its implementations itself, in pluggy's order.
 
 ``TORCHPLUG_TRACE=1`` logs every hook call with the plugin that answered and its duration
 (logger ``torchplug.trace``).
@@ -140,7 +140,30 @@ def _fast(hook: pluggy.HookCaller, impls: list[pluggy.HookImpl], firstresult: bo
             return [] if result is None else [result]
 
         return direct_all
-    return hook
+    if any(impl.wrapper or impl.hookwrapper for impl in impls):
+        return hook  # wrappers need pluggy's generator protocol
+    # Several plain implementations: pluggy's calling order and result rules, without its
+    # per-call setup (~1.5 µs, measured in bench/hook_dispatch.py).
+    steps = [(impl.function, impl.argnames) for impl in reversed(impls)]
+    if firstresult:
+        def first(**kwargs: Any) -> Any:
+            for function, argnames in steps:
+                result = function(*[kwargs[a] for a in argnames])
+                if result is not None:
+                    return result
+            return None
+
+        return first
+
+    def every(**kwargs: Any) -> list[Any]:
+        results = []
+        for function, argnames in steps:
+            result = function(*[kwargs[a] for a in argnames])
+            if result is not None:
+                results.append(result)
+        return results
+
+    return every
 
 
 def _chained(name: str, impls: list[pluggy.HookImpl], trace: bool) -> Caller:

@@ -30,7 +30,7 @@ import threading
 import time
 import warnings
 from collections.abc import Iterator
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager, nullcontext, suppress
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol, cast
 
@@ -40,7 +40,7 @@ from torch.utils.data import DataLoader, DistributedSampler, RandomSampler
 
 from torchplug import __version__
 from torchplug import checkpoint as ckpt
-from torchplug.errors import CheckpointError, MisconfigurationError, NonFiniteLossError
+from torchplug.errors import CheckpointError, MisconfigurationError, NonFiniteLossError, TorchplugError
 from torchplug.metrics import CSVLogger, ProgressBar, to_floats
 from torchplug.module import MetricStore
 from torchplug.wrappers import TrainingStepModule
@@ -141,11 +141,17 @@ class FitRun:
         self.csv: CSVLogger | None = None
         self.progress = ProgressBar(False)
         self.log_dir: Path | None = None
-        self.last_checkpoint: Path | None = None
+        self.last_checkpoint: Path | None = None  # the automatic last.ckpt, once written
         self._saved_at: tuple[int, int, int] | None = None
         self._created: list[Path] = []  # folders this run made, removed again if it fails empty
         #: set by the first SIGTERM/SIGINT; the loop stops at the end of the current step
         self.stop_signal: int | None = None
+        self._stopping = False  # the run is ending: checkpoint on interrupt, on_exception, teardown
+        self._ignored_signals = 0
+        # Where the run is, for the note an exception gets: "train"/"validation" and the batch
+        # being fetched or run (set by the batch generators, once per batch).
+        self._phase: str | None = None
+        self._batch = 0
 
     # -- setup -------------------------------------------------------------------------------
     def setup(self) -> None:
@@ -179,8 +185,10 @@ class FitRun:
             self.module = _unwrap(hooks.get_model_from_plugin(model=self.model), self.model, module)
         self.train_loader = _distributed_loader(self.train_loader, trainer, shuffle_default=True)
         self.val_loader = _distributed_loader(self.val_loader, trainer, shuffle_default=False)
+        trainer.log_dir = trainer.checkpoint_path = None
         if trainer.is_global_zero and (trainer.logger or trainer.enable_checkpointing):
             self.log_dir = self._new_version_dir(trainer.default_root_dir / "torchplug_logs")
+            trainer.log_dir = str(self.log_dir)
             if trainer.logger:
                 self.csv = CSVLogger(self.log_dir)
         self.progress = ProgressBar(trainer.enable_progress_bar and trainer.is_global_zero)
@@ -207,6 +215,7 @@ class FitRun:
             hooks.on_train_epoch_start(trainer=trainer, epoch=epoch)
             self.progress.start_epoch(epoch, n_batches, initial=self.batch_in_epoch)
             model.train()
+            self._phase = "train"
             pending = 0  # micro-batches of the open window that ran backward
             window_start = self.batch_in_epoch
             for batch_idx, batch, last in self._epoch_batches(epoch, n_batches):
@@ -263,6 +272,7 @@ class FitRun:
             if n_batches is not None and self.batch_in_epoch >= n_batches:
                 self._end_epoch(epoch)
             break
+        self._phase = None
         self._log_train()
         self.progress.close()
         self._checkpoint()
@@ -290,6 +300,7 @@ class FitRun:
 
     def _end_epoch(self, epoch: int) -> None:
         trainer, hooks = self.trainer, self.hooks
+        self._phase = None
         hooks.on_train_epoch_end(trainer=trainer, epoch=epoch)
         self._log_train()
         if self.val_loader is not None and trainer.limit_val_batches != 0 \
@@ -336,19 +347,21 @@ class FitRun:
             next(iterator, None)
         if restore_after is not None:
             self._rng_restore(restore_after)
-        index = skip
+        index = self._batch = skip
         if n_batches is not None:
             for batch in iterator:
                 if index >= n_batches:
                     return
                 yield index, batch, index + 1 == n_batches
-                index += 1
+                index = self._batch = index + 1
             return
         limit = self.trainer.limit_train_batches
         sentinel = object()
         batch = next(iterator, sentinel)
         while batch is not sentinel:
+            self._batch = index + 1
             following = next(iterator, sentinel) if limit is None or index + 1 < limit else sentinel
+            self._batch = index
             yield index, batch, following is sentinel
             batch = following
             index += 1
@@ -383,19 +396,25 @@ class FitRun:
         module.eval()
         self.metrics.begin_validation()
         limit = trainer.limit_val_batches
+        phase, self._phase, self._batch = self._phase, "validation", 0
         try:
             with torch.no_grad():
                 for batch_idx, batch in enumerate(self.val_loader):
                     if limit is not None and batch_idx >= limit:
                         break
+                    self._batch = batch_idx
                     args = hooks.on_before_forward(model=module, args=(batch, batch_idx))
                     with hooks.forward_context(model=module):
                         step_module.validation_step(*args)
                     if self.stop_signal is not None:
                         raise KeyboardInterrupt(f"stopped by {signal.Signals(self.stop_signal).name}")
+        except Exception as exc:
+            self._add_context(exc)
+            raise
         finally:
             values = self.metrics.end_validation()
             module.train(was_training)
+        self._phase = phase
         reduced = {name: hooks.reduce(tensor=torch.as_tensor(value, dtype=torch.float32, device=self.device),
                                       op="mean")
                    for name, value in values.items()}
@@ -439,8 +458,11 @@ class FitRun:
         """``last.ckpt`` of the current position, unless it was just written."""
         position = (self.epoch, self.batch_in_epoch, self.global_step)
         if self.trainer.enable_checkpointing and self.log_dir is not None and self._saved_at != position:
-            self.save_checkpoint(self._last_checkpoint_path())
+            path = self._last_checkpoint_path()
+            self.save_checkpoint(path)
             self._saved_at = position
+            self.last_checkpoint = path
+            self.trainer.checkpoint_path = str(path)  # also known when fit ends with an exception
 
     def checkpoint_dict(self) -> dict[str, Any]:
         checkpoint: dict[str, Any] = {
@@ -463,7 +485,6 @@ class FitRun:
 
     def save_checkpoint(self, path: Path) -> None:
         ckpt.save(self.checkpoint_dict(), path)
-        self.last_checkpoint = path
 
     def _restore(self, data: dict[str, Any]) -> None:
         try:
@@ -503,29 +524,34 @@ class FitRun:
         start = time.perf_counter()
         deterministic = torch.are_deterministic_algorithms_enabled()
         warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
-        try:
-            with self._stop_on_signals():
+        with self._stop_on_signals():
+            try:
                 if trainer.deterministic:
                     torch.use_deterministic_algorithms(True)
                 self.setup()
                 self.train()
-        except KeyboardInterrupt as exc:
-            self._checkpoint_on_interrupt()
-            hooks.on_exception(trainer=trainer, exception=exc)
-            raise
-        except Exception as exc:
-            hooks.on_exception(trainer=trainer, exception=exc)
-            self._close_outputs()
-            self._remove_if_empty()
-            wrapped = hooks.wrap_error(exc)
-            if wrapped is exc:
+            except KeyboardInterrupt as exc:
+                self._stopping = True
+                self._checkpoint_on_interrupt()
+                hooks.on_exception(trainer=trainer, exception=exc)
                 raise
-            raise wrapped from exc
-        finally:
-            torch.use_deterministic_algorithms(deterministic, warn_only=warn_only)
-            self._close_outputs()
-            _attach_metrics(self.module, None)
-            hooks.teardown_environment(trainer=trainer)
+            except Exception as exc:
+                self._stopping = True
+                self._add_context(exc)
+                hooks.on_exception(trainer=trainer, exception=exc)
+                with suppress(OSError):  # the first error is the one to report (e.g. metrics.csv on a full disk)
+                    self._close_outputs()
+                self._remove_if_empty()
+                wrapped = hooks.wrap_error(exc)
+                if wrapped is exc:
+                    raise
+                raise wrapped from exc
+            finally:
+                self._stopping = True
+                torch.use_deterministic_algorithms(deterministic, warn_only=warn_only)
+                self._close_outputs()
+                _attach_metrics(self.module, None)
+                hooks.teardown_environment(trainer=trainer)
         trainer.global_step, trainer.current_epoch = self.global_step, self.epoch
         trainer.callback_metrics = dict(self.callback_metrics)
         return FitOutcome(
@@ -541,13 +567,23 @@ class FitRun:
     def _stop_on_signals(self) -> Iterator[None]:
         """SIGTERM and SIGINT (where their handlers are Python's defaults) request a stop at the
         end of the current optimizer step; a second signal, or any signal in a multi-process
-        run (ranks would stop at different steps), raises ``KeyboardInterrupt`` at once."""
+        run (ranks would stop at different steps), raises ``KeyboardInterrupt`` at once. Once
+        the run is ending (checkpoint on interrupt, ``on_exception``, teardown), two further
+        signals are ignored so the cleanup completes (a launcher that sends SIGTERM to workers
+        that are already stopping must not cut their teardown short); a third aborts it."""
         if threading.current_thread() is not threading.main_thread():
             yield
             return
 
         def handler(signum: int, frame: Any) -> None:
             name = signal.Signals(signum).name
+            if self._stopping:
+                self._ignored_signals += 1
+                if self._ignored_signals >= 3:  # a cleanup that hangs can still be cut short
+                    raise KeyboardInterrupt(f"stopped by {name} during cleanup")
+                print(f"torchplug: {name} received while stopping; finishing the checkpoint and teardown",
+                      file=sys.stderr, flush=True)
+                return
             if self.stop_signal is not None or self.trainer.world_size > 1:
                 raise KeyboardInterrupt(f"stopped by {name}")
             self.stop_signal = signum
@@ -564,6 +600,17 @@ class FitRun:
         finally:
             for signum, handler_before in previous.items():
                 signal.signal(signum, handler_before)
+
+    def _add_context(self, exc: BaseException) -> None:
+        """Note where a user's or plugin's exception happened (its type and message stay as
+        they are; Python >= 3.11 shows notes under the message)."""
+        if self._phase is None or isinstance(exc, TorchplugError) or not hasattr(exc, "add_note"):
+            return
+        if any(str(note).startswith("torchplug: raised") for note in getattr(exc, "__notes__", ())):
+            return
+        where = "validation batch" if self._phase == "validation" else "batch"
+        exc.add_note(f"torchplug: raised during {self._phase} at epoch {self.epoch}, {where} {self._batch} "
+                     f"(global step {self.global_step}).")
 
     def _close_outputs(self) -> None:
         self.progress.close()

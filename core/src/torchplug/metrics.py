@@ -33,6 +33,7 @@ class CSVLogger:
     def __init__(self, log_dir: Path) -> None:
         self.path = log_dir / "metrics.csv"
         self.rows = 0
+        self._closed = False
         try:
             log_dir.mkdir(parents=True, exist_ok=True)
             new = not self.path.exists()
@@ -54,11 +55,16 @@ class CSVLogger:
             self._file.flush()
             self.rows += len(metrics)
         except OSError as exc:
-            raise OSError(f"Writing metrics to {self.path} failed: {exc}") from exc
+            raise OSError(exc.errno, f"Writing metrics to {self.path} failed: {exc}") from exc
 
     def close(self) -> None:
-        if not self._file.closed:
+        if self._closed:
+            return
+        self._closed = True  # once: a close that failed is not retried (the file is closed anyway)
+        try:
             self._file.close()
+        except OSError as exc:
+            raise OSError(exc.errno, f"Writing metrics to {self.path} failed: {exc}") from exc
 
 
 def read_csv(path: str | Path) -> dict[str, list[tuple[int, int, float]]]:

@@ -26,6 +26,7 @@ AMP_BACKENDS = ("native", "apex")
 AMP_LEVELS = ("O0", "O1", "O2", "O3")
 ACCELERATORS = {None: None, "auto": None, "cpu": "cpu", "gpu": "cuda", "cuda": "cuda"}
 NONFINITE = ("error", "skip", "ignore")
+SINGLE_PROCESS = ("single_device", "none")  # strategies that mean "no strategy plugin"
 
 
 @dataclass
@@ -148,6 +149,19 @@ class Trainer:
             raise MisconfigurationError(f"on_nonfinite_loss must be one of {NONFINITE}, got {on_nonfinite_loss!r}")
         self.on_nonfinite_loss = on_nonfinite_loss
         self.checkpoint_weights_only = _check_type("checkpoint_weights_only", checkpoint_weights_only, bool)
+        many = (isinstance(self.devices, int) and self.devices > 1) or self.num_nodes > 1
+        if many and self.strategy in SINGLE_PROCESS:
+            raise MisconfigurationError(
+                f"strategy={self.strategy!r} trains in one process, but devices={self.devices} and "
+                f"num_nodes={self.num_nodes} ask for several; drop the strategy (devices>1 selects 'ddp') or use "
+                "devices=1."
+            )
+        if many and on_nonfinite_loss == "skip":
+            raise MisconfigurationError(
+                f"on_nonfinite_loss='skip' cannot run on several processes (devices={self.devices}, "
+                f"num_nodes={self.num_nodes}): a rank that skips a backward would desynchronise the gradient "
+                "all-reduce. Use 'error' or 'ignore'."
+            )
         if isinstance(blocked_plugins, str) or not all(isinstance(b, str) for b in _iterable(blocked_plugins)):
             raise MisconfigurationError(f"blocked_plugins must be a list of plugin names, got {blocked_plugins!r}")
         _check_type("autoload_plugins", autoload_plugins, (bool, type(None)))
@@ -202,7 +216,7 @@ class Trainer:
             roles["precision"] = "apex" if self.amp_backend == "apex" else "native_amp"
         wants_many = (isinstance(self.devices, int) and self.devices > 1) or self.num_nodes > 1
         if self.strategy is not None:
-            if self.strategy not in ("single_device", "none"):
+            if self.strategy not in SINGLE_PROCESS:
                 roles["strategy"] = self.strategy
         elif wants_many:
             roles["strategy"] = "ddp"

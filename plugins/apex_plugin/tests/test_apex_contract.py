@@ -136,7 +136,7 @@ def test_contract_delayed_unscale_window_gives_the_plain_gradients(fake_amp: Mod
     params' accumulated gradients to None when it runs in the last one)."""
     data = batches(2)
     reference = Net(batchnorm=True)
-    loss = sum(F.cross_entropy(reference(x), y) / 2 for x, y in data)
+    loss = torch.stack([F.cross_entropy(reference(x), y) / 2 for x, y in data]).sum()
     ref_grads = torch.autograd.grad(loss, list(reference.parameters()))
 
     trainer = apex_trainer(amp_level=level)

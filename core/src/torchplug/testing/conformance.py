@@ -262,7 +262,10 @@ class PluginContract:
     def test_survives_pickling_into_workers(self, plugin_factory: Callable[[], object],
                                             trainer_kwargs: dict[str, Any], tmp_path: Path) -> None:
         plugin = plugin_factory()
-        trainer = Trainer(plugins=[plugin], **_fit_kwargs(tmp_path, trainer_kwargs))
+        try:
+            trainer = Trainer(plugins=[plugin], **_fit_kwargs(tmp_path, trainer_kwargs))
+        except Exception as exc:
+            _broken("a Trainer accepts the plugin (with trainer_kwargs)", plugin, f"{type(exc).__name__}: {exc}")
         try:
             copy_ = pickle.loads(pickle.dumps(trainer))
         except Exception as exc:

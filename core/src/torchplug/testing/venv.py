@@ -18,8 +18,8 @@ torch. Only the named distributions are visible, so editable installs of the run
 environment (``torchplug`` itself) never leak in; pip sees the shared ones as installed and
 does not resolve them again.
 
-Standard library only (plus ``packaging``, or pip's vendored copy): ``noxfile.py`` loads this
-file by path, without importing torchplug or torch.
+Standard library only, plus ``packaging`` (a torchplug dependency, and nox's): ``noxfile.py``
+loads this file by path, without importing torchplug or torch.
 """
 
 from __future__ import annotations
@@ -38,10 +38,7 @@ SHARED_DIR = "shared-site"
 def requirement_closure(names: Iterable[str]) -> list[importlib.metadata.Distribution]:
     """The installed distributions ``names`` and, recursively, what they require (markers
     evaluated for this interpreter, extras not followed)."""
-    try:
-        from packaging.requirements import Requirement
-    except ImportError:  # pragma: no cover - pip always vendors it
-        from pip._vendor.packaging.requirements import Requirement  # type: ignore[assignment]
+    from packaging.requirements import Requirement
 
     found: dict[str, importlib.metadata.Distribution] = {}
     todo = list(names)

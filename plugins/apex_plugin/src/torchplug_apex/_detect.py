@@ -21,6 +21,7 @@ from __future__ import annotations
 import importlib
 import importlib.metadata
 import os
+import sys
 import warnings
 from types import ModuleType
 
@@ -107,8 +108,17 @@ def _import(name: str) -> ModuleType | Exception:
             module = exc
     for w in caught:
         if not _is_apex_file(w.filename):
-            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno, module=_module_named(w.filename))
     return module
+
+
+def _module_named(filename: str) -> str | None:
+    """The dotted name of the loaded module ``filename`` belongs to, so that filters by module
+    (``ignore::DeprecationWarning:torch.*``) still apply to a re-emitted warning."""
+    for name, module in list(sys.modules.items()):
+        if getattr(module, "__file__", None) == filename:
+            return name
+    return None
 
 
 def _is_apex_file(filename: str) -> bool:

@@ -72,7 +72,7 @@ def _warn_deprecated_once() -> None:
         return
     _warned_deprecated = True
     warnings.warn(
-        "NVIDIA apex amp is deprecated upstream (apex 22.10: 'Use PyTorch AMP') and was removed in apex 25.07; "
+        "NVIDIA apex amp is deprecated upstream (since October 2022: 'Use PyTorch AMP') and was removed in apex 25.07; "
         "torchplug-apex targets apex <= 25.05. Prefer native AMP: Trainer(precision=16) with torchplug-native-amp.",
         ApexAmpDeprecationWarning,
         stacklevel=2,
@@ -262,7 +262,7 @@ class ApexPlugin(Plugin):
         else:
             norms = [torch.linalg.vector_norm(g, norm_type, dtype=torch.float32).to(device) for g in grads]
             total = torch.linalg.vector_norm(torch.stack(norms), norm_type)
-        # Multiplying by a coefficient clamped at 1 (instead of testing it) keeps the device in sync-free.
+        # Multiplying by a coefficient clamped at 1 (instead of testing it) avoids a device-to-host sync.
         coef = torch.clamp(grad_clip_val / (total + CLIP_EPS), max=1.0)
         for g in grads:
             g.mul_(coef.to(g.device, g.dtype))
@@ -387,7 +387,7 @@ def _explain_initialize_error(exc: BaseException, level: str) -> str:
         hint = "Each fit needs new optimizers: configure_optimizers() must create them, not return stored ones."
     else:
         hint = "See apex's message above."
-    return (f"ApexPlugin ({DISTRIBUTION}): amp.initialize(opt_level={level!r}) refused the model or optimizers: "
+    return (f"ApexPlugin ({DISTRIBUTION}): configure_apex → amp.initialize(opt_level={level!r}) failed: "
             f"{type(exc).__name__}: {text}\n{hint}")
 
 
