@@ -106,8 +106,9 @@ def package_tests(session: nox.Session, *projects: str, tests: list[str]) -> Non
 
 @nox.session(name="tests-core", **VENV)
 def tests_core(session: nox.Session) -> None:
-    """The core's own tests (core/tests)."""
-    package_tests(session, tests=["core/tests"])
+    """The core's own tests (core/tests); the plugins come along for the tests that combine the
+    core with them (roles, DDP signals, conflicts), which skip without them."""
+    package_tests(session, "torchplug-ddp", "torchplug-native-amp", "torchplug-apex", tests=["core/tests"])
 
 
 @nox.session(name="tests-ddp", **VENV)

@@ -418,10 +418,6 @@ def test_ctrl_c_on_a_two_rank_ddp_run_checkpoints_and_destroys_the_process_group
     _assert_clean_ddp_stop(result)
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: SIGTERM to the process that called Trainer(devices=2).fit kills it at "
-                                       "once; its workers then os._exit without checkpoint or teardown "
-                                       "(plugins/ddp_plugin/src/torchplug_ddp/_spawn.py run_workers); "
-                                       "see RELIABILITY_TABLE.md")
 @pytest.mark.skipif(not LINUX, reason="POSIX signals and /proc")
 @pytest.mark.timeout(120)
 def test_sigterm_to_the_launcher_of_a_two_rank_ddp_run_stops_cleanly(tmp_path: Path) -> None:
@@ -644,9 +640,6 @@ def test_torchplug_command_does_not_import_plugin_modules_from_the_working_direc
     assert _imported(cwd) == []
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: `python -m torchplug` keeps the working directory on sys.path[0], so "
-                                       "./<plugin module>.py shadows an installed plugin "
-                                       "(core/src/torchplug/__main__.py); see RELIABILITY_TABLE.md")
 @pytest.mark.timeout(60)
 def test_python_m_torchplug_does_not_import_plugin_modules_from_the_working_directory(
         installed_and_cwd: tuple[Path, Path]) -> None:
@@ -656,10 +649,6 @@ def test_python_m_torchplug_does_not_import_plugin_modules_from_the_working_dire
     assert "reltest (torchplug.plugins, torchplug-reltest 1.0): ok" in done.stdout, done.stdout + done.stderr
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: `python -m torchplug` scans the working directory for *.dist-info, so "
-                                       "a ./x.dist-info with a torchplug.autoload entry point runs code from the "
-                                       "working directory on every Trainer (core/src/torchplug/__main__.py); "
-                                       "see RELIABILITY_TABLE.md")
 @pytest.mark.timeout(60)
 def test_python_m_torchplug_does_not_see_distributions_in_the_working_directory(
         installed_and_cwd: tuple[Path, Path]) -> None:

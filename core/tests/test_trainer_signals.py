@@ -75,6 +75,19 @@ class Signaller(torchplug.Plugin):
                 open(self.marker, "w").close()
 
 
+class CleanupWitness(torchplug.Plugin):
+    """A launcher's SIGTERM arriving while the run already stops: it must not cut the cleanup."""
+
+    def __init__(self, root):
+        self.root = root
+
+    def on_exception(self, exception):
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    def teardown_environment(self):
+        open(os.path.join(self.root, "teardown-done"), "w").close()
+
+
 TRAINER = None
 
 
@@ -94,8 +107,8 @@ if __name__ == "__main__":
     plugins, sleep, interrupt_at, progress = [], 0.0, None, False
     if mode == "self-sigterm":       # mid-window of step 6 (epoch 1, batches 2-3)
         plugins = [Signaller((5, 2), [signal.SIGTERM])]
-    elif mode == "double-sigterm":   # the second signal stops at once
-        plugins = [Signaller((5, 2), [signal.SIGTERM, signal.SIGTERM])]
+    elif mode == "double-sigterm":   # the second signal stops at once; a third during cleanup is ignored
+        plugins = [Signaller((5, 2), [signal.SIGTERM, signal.SIGTERM]), CleanupWitness(root)]
     elif mode in ("external", "progress"):
         plugins, sleep, progress = [Signaller((2, 4), marker=sys.argv[3])], 0.02, True
     elif mode == "raw":
@@ -168,6 +181,8 @@ def test_second_signal_stops_at_once_with_the_last_completed_step(script: Path, 
     assert json.loads(result.stdout.splitlines()[-1])["global_step"] == 5
     data = ckpt.load(_last_checkpoint(tmp_path))
     assert (data["global_step"], data["epoch"], data["batch_in_epoch"]) == (5, 1, 2)  # the open window dropped
+    assert "SIGTERM received while stopping; finishing the checkpoint and teardown" in result.stderr
+    assert (tmp_path / "teardown-done").exists()
 
 
 @pytest.mark.timeout(120)

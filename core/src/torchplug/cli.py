@@ -1,23 +1,28 @@
-"""The ``torchplug`` command: ``plugins`` (list installed plugins), ``demo``, ``fit``."""
+"""The ``torchplug`` command: ``plugins`` (list installed plugins), ``demo``, ``fit``.
+
+Only ``demo`` and ``fit`` import torch (on use): ``torchplug plugins`` reads metadata alone.
+"""
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
+
+#: The demo's default number of epochs (the digits MLP reaches >= 95% validation accuracy).
+DEMO_EPOCHS = 15
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from torchplug import __version__
+    from torchplug import __version__, listing
 
     parser = argparse.ArgumentParser(prog="torchplug", description=__doc__)
     parser.add_argument("--version", action="version", version=f"torchplug {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
-
-    from torchplug import demo, listing
-
     listing.add_parser(sub)
-    demo.add_parsers(sub)
+    add_parsers(sub)
     return parser
 
 
@@ -29,3 +34,70 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("torchplug: interrupted", file=sys.stderr)
         return 130
+
+
+def _lazy(name: str) -> Callable[[argparse.Namespace], int]:
+    """A command that imports torchplug.demo (and so torch) only when it runs."""
+
+    def run(args: argparse.Namespace) -> int:
+        return int(getattr(importlib.import_module("torchplug.demo"), name)(args))
+
+    return run
+
+
+def add_parsers(subparsers: Any) -> None:
+    """Register ``demo`` and ``fit`` on the ``torchplug`` command's subparsers."""
+    demo = subparsers.add_parser(
+        "demo", help="train an MLP on scikit-learn's digits (needs torchplug[demo])",
+        description="Train an MLP on scikit-learn's bundled digits data set on the CPU in seconds "
+                    "(>= 95% validation accuracy), with any plugins, devices and precision.",
+    )
+    _add_run_options(demo, default_epochs=DEMO_EPOCHS)
+    demo.add_argument("--hidden", type=_positive_int, default=128, help="hidden width (default 128)")
+    demo.set_defaults(run=_lazy("run_demo"))
+
+    fit = subparsers.add_parser(
+        "fit", help="train your TrainingModule: torchplug fit package.module:Class",
+        description="Train a TrainingModule given as package.module:Class. The class is constructed "
+                    "with no arguments and must define train_dataloader() (val_dataloader() optional). "
+                    "The current directory is importable.",
+    )
+    fit.add_argument("target", metavar="package.module:Class", help="the TrainingModule class to train")
+    _add_run_options(fit, default_epochs=None)
+    fit.set_defaults(run=_lazy("run_fit"))
+
+
+def _add_run_options(parser: argparse.ArgumentParser, default_epochs: int | None) -> None:
+    parser.add_argument("--plugins", type=_name_list, default=[], metavar="A,B",
+                        help="plugins to use, by entry-point name (see 'torchplug plugins')")
+    parser.add_argument("--devices", type=_positive_int, default=1, help="processes/devices (default 1)")
+    parser.add_argument("--accelerator", choices=["cpu", "gpu", "cuda", "auto"], default="cpu",
+                        help="device kind (default cpu)")
+    parser.add_argument("--precision", choices=["32", "16", "bf16"], default="32", help="default 32")
+    epochs_help = f"default {default_epochs}" if default_epochs else "default: Trainer's (1000, or max-steps)"
+    parser.add_argument("--max-epochs", type=_positive_int, default=default_epochs, help=epochs_help)
+    parser.add_argument("--max-steps", type=_positive_int, default=None, help="stop after this many optimizer steps")
+    parser.add_argument("--accumulate", type=_positive_int, default=1, metavar="N",
+                        help="accumulate gradients over N batches (default 1)")
+    parser.add_argument("--gradient-clip-val", type=float, default=0.0, metavar="NORM", help="default: no clipping")
+    parser.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    parser.add_argument("--root-dir", default=None, help="where torchplug_logs/ goes (default: current directory)")
+    parser.add_argument("--ckpt-path", default=None, help="resume from this checkpoint")
+    parser.add_argument("--no-progress-bar", action="store_true", help="no progress bar (it is off when not a TTY)")
+    parser.add_argument("--json", action="store_true", help="end with one JSON object line")
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
+def _name_list(text: str) -> list[str]:
+    return [part.strip() for part in text.split(",") if part.strip()]
+
+

@@ -126,6 +126,7 @@ class FitRun:
         self.module = module  # the user's module
         self.model: nn.Module = module  # what configure_ddp returned
         self.device = torch.device("cpu")
+        self._queued_losses: list[tuple[torch.Tensor, int, int, int]] = []
         self.train_loader = train_loader
         self.val_loader = val_loader
         self.resume = resume
@@ -206,6 +207,11 @@ class FitRun:
         # A wrapper from configure_ddp runs training_step itself (inside DDP's forward).
         training_step = cast(StepModule, module).training_step if model is module else model
         check_loss = trainer.on_nonfinite_loss != "ignore"
+        # On an accelerator, reading the loss every micro-batch would stall the host on the device
+        # each step; in "error" mode the checks are queued on the device and read at the logging
+        # interval and before every checkpoint (self._check_queued_losses), naming the first bad step.
+        queue_checks = check_loss and trainer.on_nonfinite_loss == "error" and self._defer_loss_checks()
+        check_now = check_loss and not queue_checks
         no_sync = nullcontext()
 
         hooks.on_fit_start(trainer=trainer, model=module)
@@ -228,7 +234,9 @@ class FitRun:
                     with hooks.forward_context(model=model):
                         output = training_step(*args)
                     loss = _loss_of(output, batch_idx, epoch)
-                    if check_loss and not math.isfinite(loss.item()):
+                    if queue_checks:
+                        self._queued_losses.append((loss.detach(), epoch, batch_idx, self.global_step))
+                    if check_now and not math.isfinite(loss.item()):
                         self._nonfinite(loss, batch_idx, epoch)
                     else:
                         hooks.backward(loss=loss / window_len if window_len > 1 else loss,
@@ -278,11 +286,29 @@ class FitRun:
         self._checkpoint()
         hooks.on_fit_end(trainer=trainer, model=module)
 
-    def _nonfinite(self, loss: torch.Tensor, batch_idx: int, epoch: int) -> None:
+    def _defer_loss_checks(self) -> bool:
+        return self.device.type != "cpu"
+
+    def _check_queued_losses(self) -> None:
+        """Read the losses queued on the device since the last check, in one transfer."""
+        queued, self._queued_losses = self._queued_losses, []
+        if not queued:
+            return
+        finite = torch.isfinite(torch.stack([item[0] for item in queued])).cpu().tolist()
+        for ok, (loss, epoch, batch_idx, step) in zip(finite, queued):
+            if not ok:
+                self._nonfinite(loss, batch_idx, epoch, step,
+                                note=f" It was detected at global step {self.global_step}: on an accelerator the "
+                                     "check runs at the logging interval, so later steps used its gradients and "
+                                     "no checkpoint was written since.")
+
+    def _nonfinite(self, loss: torch.Tensor, batch_idx: int, epoch: int, step: int | None = None,
+                   note: str = "") -> None:
         if self.trainer.on_nonfinite_loss == "error":
             raise NonFiniteLossError(
                 f"training_step returned a non-finite loss ({loss.item()}) at epoch {epoch}, batch {batch_idx} "
-                f"(global step {self.global_step}, the optimizer step it belongs to). Pass "
+                f"(global step {self.global_step if step is None else step}, the optimizer step it belongs to).{note} "
+                "Pass "
                 "Trainer(on_nonfinite_loss='skip') to skip such batches, or 'ignore' to backpropagate anyway."
             )
         # "skip": no backward for this micro-batch; a window without any backward takes no step.
@@ -438,6 +464,7 @@ class FitRun:
             _attach_metrics(self.module, None)
 
     def _log_train(self) -> None:
+        self._check_queued_losses()
         if self.skipped_steps:
             self.callback_metrics["skipped_steps"] = float(self.skipped_steps)
         if not self.metrics.train:
@@ -456,6 +483,7 @@ class FitRun:
 
     def _checkpoint(self) -> None:
         """``last.ckpt`` of the current position, unless it was just written."""
+        self._check_queued_losses()  # never checkpoint weights a non-finite loss reached
         position = (self.epoch, self.batch_in_epoch, self.global_step)
         if self.trainer.enable_checkpointing and self.log_dir is not None and self._saved_at != position:
             path = self._last_checkpoint_path()

@@ -14,6 +14,7 @@ normally fail within moments (a gloo peer disappearing breaks their collectives)
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import multiprocessing
 import multiprocessing.connection
@@ -26,7 +27,7 @@ import tempfile
 import threading
 import time
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -104,11 +105,35 @@ def run_workers(function: Callable[[], Any], nprocs: int, *, start_method: str, 
             )
             proc.start()
             procs.append(proc)
-        _watch(procs, run_dir, grace_s)
+        with _sigterm_stops_workers(procs):
+            _watch(procs, run_dir, grace_s)
         return torch.load(run_dir / _OUTCOME, weights_only=False)  # our own file, written by rank 0
     finally:
-        _stop(procs)
+        _stop(procs, wait_s=max(5.0, grace_s))
         shutil.rmtree(run_dir, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def _sigterm_stops_workers(procs: list[multiprocessing.process.BaseProcess]) -> Iterator[None]:
+    """SIGTERM to the launching process (a scheduler stopping the job) stops the run cleanly:
+    the workers get SIGTERM too (they checkpoint the last completed step and tear down), and the
+    launcher raises KeyboardInterrupt instead of dying at once and orphaning them."""
+    if threading.current_thread() is not threading.main_thread() \
+            or signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL:
+        yield  # someone else handles SIGTERM here (e.g. the core, or the application)
+        return
+
+    def handler(signum: int, frame: Any) -> None:
+        for proc in procs:
+            if proc.is_alive():
+                proc.terminate()
+        raise KeyboardInterrupt("stopped by SIGTERM")
+
+    signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
 def _write_payload(function: Callable[[], Any], path: Path) -> None:
@@ -181,12 +206,12 @@ def _failure_error(failures: list[_Failure], still_running: list[int], nprocs: i
     return WorkerFailedError("\n".join(lines), first.rank, first.exitcode, exception)
 
 
-def _stop(procs: list[multiprocessing.process.BaseProcess]) -> None:
+def _stop(procs: list[multiprocessing.process.BaseProcess], wait_s: float) -> None:
     """Terminate live workers (SIGTERM: the core checkpoints and exits), then kill stragglers."""
     alive = [p for p in procs if p.is_alive()]
     for proc in alive:
         proc.terminate()
-    end = time.monotonic() + 5.0
+    end = time.monotonic() + wait_s
     for proc in alive:
         proc.join(max(0.0, end - time.monotonic()))
         if proc.is_alive():
