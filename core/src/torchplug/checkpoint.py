@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from torchplug.errors import CheckpointError
+from torchplug.utils import pid_alive
 
 FORMAT_VERSION = 1
 REQUIRED_KEYS = ("torchplug_checkpoint", "state_dict", "optimizer_states", "global_step", "epoch")
@@ -61,7 +62,7 @@ def remove_stale_temporaries(target: Path) -> list[Path]:
     removed = []
     for tmp in target.parent.glob(f".{glob_escape(target.name)}.*{TMP_SUFFIX}"):
         pid_text = tmp.name[len(target.name) + 2:].split(".", 1)[0]
-        if not pid_text.isdigit() or int(pid_text) == os.getpid() or _alive(int(pid_text)):
+        if not pid_text.isdigit() or int(pid_text) == os.getpid() or pid_alive(int(pid_text)):
             continue
         try:
             tmp.unlink()
@@ -73,18 +74,6 @@ def remove_stale_temporaries(target: Path) -> list[Path]:
 
 def glob_escape(name: str) -> str:
     return "".join(f"[{c}]" if c in "*?[" else c for c in name)
-
-
-def _alive(pid: int) -> bool:
-    if os.name != "posix":
-        return True  # no cheap check: keep it
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def load(path: str | os.PathLike[str], *, weights_only: bool = True) -> dict[str, Any]:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import sys
 from typing import Any
 
 import torch
@@ -65,3 +67,16 @@ def first_parameter(module: nn.Module) -> torch.Tensor | None:
 def optimizer_params(optimizer: Optimizer) -> list[torch.Tensor]:
     """The parameters an optimizer updates, in param-group order."""
     return [p for group in optimizer.param_groups for p in group["params"]]
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether process ``pid`` exists (True where that cannot be checked cheaply)."""
+    if sys.platform == "win32":  # os.kill(pid, 0) would terminate it there
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    return True

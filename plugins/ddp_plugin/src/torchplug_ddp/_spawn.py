@@ -35,6 +35,7 @@ from typing import Any
 import torch
 
 from torchplug import MisconfigurationError, TorchplugError
+from torchplug.utils import pid_alive
 
 #: Path of the FileStore the spawned workers rendezvous through (set only in spawned workers).
 STORE_ENV = "TORCHPLUG_DDP_FILESTORE"
@@ -285,19 +286,8 @@ def _exit_with_parent(parent_pid: int) -> None:
 
     first_parent = os.getppid()  # the launching process, or the forkserver started for it
 
-    def alive(pid: int) -> bool:
-        if sys.platform == "win32":  # os.kill(pid, 0) would terminate it there
-            return True
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            return False
-        except PermissionError:
-            return True
-        return True
-
     def watch() -> None:
-        while os.getppid() == first_parent and alive(parent_pid):
+        while os.getppid() == first_parent and pid_alive(parent_pid):
             time.sleep(1.0)
         os._exit(1)
 
