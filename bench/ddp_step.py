@@ -94,6 +94,9 @@ def worker(rank: int, store_path: str, args: argparse.Namespace, out_dir: str) -
             result[size] = {"widths": widths, "batch_per_rank": batch, "warmup": warmup, "measure": measure,
                             "samples": samples}
         Path(out_dir, f"rank{rank}.json").write_text(json.dumps(result))
+        # Both ranks leave together: a rank that tears gloo down while its peer still talks to it
+        # makes the peer abort ("terminate called without an active exception").
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 

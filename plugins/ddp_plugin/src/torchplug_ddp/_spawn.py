@@ -253,6 +253,11 @@ def _worker(rank: int, world_size: int, run_dir: str, parent_pid: int, threads: 
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(1)
+    # The run's result is on disk and its process group destroyed: skip the interpreter's
+    # teardown, where C++ destructors of torch's distributed objects can abort the process.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def _write_report(run_dir: Path, rank: int, exc: BaseException) -> None:

@@ -89,6 +89,7 @@ class DDPPlugin(Plugin):
 
     def _reset(self) -> None:
         self._created_group = False
+        self._failed = False
         self._world_size = 1
         self._rank = 0
         self._device: torch.device | None = None
@@ -231,9 +232,16 @@ class DDPPlugin(Plugin):
     def root_device(self) -> torch.device | None:
         return self._device  # None before setup_environment (Trainer.validate): the core decides
 
+    def on_exception(self) -> None:
+        self._failed = True
+
     def teardown_environment(self) -> None:
         if self._created_group and dist.is_initialized():
             try:
+                if not self._failed:
+                    # Leave together: gloo aborts a rank ("terminate called without an active
+                    # exception") whose peer tears its connections down while it still uses them.
+                    dist.barrier(group=self.process_group)
                 dist.destroy_process_group()
             except Exception as exc:  # never hide the error that ended the run
                 log.warning("destroy_process_group failed: %s: %s", type(exc).__name__, exc)
