@@ -31,6 +31,7 @@ from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 from plugin_projects.support import make_fake_dist
 from reliability_support.common import TinyNet, fds_of, loader, open_files_under, sha256
+from torch import nn
 
 from torchplug import (
     MisconfigurationError,
@@ -753,3 +754,10 @@ def test_the_pyproject_scan_would_catch_apex(tmp_path: Path) -> None:
     names = [canonicalize_name(Requirement(t).name) for t in _requirement_strings(data)]
     assert names.count("apex") == 3
 
+
+
+@pytest.mark.parametrize("passed", [object(), nn.Linear(2, 2)], ids=["object", "nn.Module"])
+def test_a_passed_object_that_implements_no_hook_is_refused(passed: object) -> None:
+    """plugins=[model] or plugins=[some callback] would otherwise silently change nothing."""
+    with pytest.raises(PluginValidationError, match="implements no torchplug hook"):
+        Trainer(plugins=[passed], autoload_plugins=False)

@@ -256,6 +256,15 @@ def get_plugin_manager(
     used: set[str] = {DEFAULTS_NAME}
     for sel in ordered:
         pm.register_plugin(sel.plugin, _unique(sel.name, used), sel.source, sel.entry_point)
+        if sel.source in ("object", "module") and not isinstance(sel.plugin, Plugin) \
+                and not pm.get_hookcallers(sel.plugin):
+            # Almost always a mistake (plugins=[model], another framework's callback): it would
+            # silently change nothing. A Plugin subclass may legitimately only claim a role.
+            raise PluginValidationError(
+                f"plugins= got {_label(sel.plugin)} ({_object_origin(sel.plugin)}), which implements no "
+                "torchplug hook. Pass an instance of a torchplug.Plugin subclass, a module with "
+                "@torchplug.hookimpl functions, or an installed plugin's name (see `torchplug plugins`)."
+            )
     pm.check_roles()
     return pm
 
