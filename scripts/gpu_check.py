@@ -13,6 +13,9 @@ loses the others; the JSON is rewritten after every section):
 * ``native_amp_overflow``: fp16, an inf injected into the gradients of one step: that step is
   skipped (parameters unchanged), the loss scale halves, the next step trains, the Trainer counts
   one skipped step;
+* ``host_syncs``: per step, the host reads seen from Python (``torchplug.testing.syncs``) and the
+  synchronising CUDA calls (``torch.cuda.set_sync_debug_mode``) of the Trainer in fp32, bf16 and
+  fp16, each against a hand-written loop: the Trainer must not make more;
 * ``native_amp_speed``: step time, Trainer vs a hand-written autocast (+ GradScaler for fp16)
   loop, fp16 and bf16, on a tiny MLP (32-64-10, batch 32) and a large one (4 x 4096 at batch
   4096), plus a strict-fp32 large baseline (TF32 off, stated in the JSON);
@@ -392,6 +395,60 @@ def _trainer_fit(ctx: Ctx, widths: Sequence[int], info: dict[str, Any] | None = 
     return fit
 
 
+def section_host_syncs(ctx: Ctx, budget: Budget) -> dict[str, Any]:
+    """Per step: host reads seen from Python (torchplug.testing.syncs.HostReads) and, on CUDA,
+    synchronising CUDA calls (torch.cuda.set_sync_debug_mode("warn")), Trainer vs hand loop."""
+    import torch
+
+    from torchplug.loop import FitRun
+    from torchplug.testing.syncs import HostReads
+
+    widths, batch = ctx.tiny
+    batches = make_batches(widths, batch, ctx.device)
+    short, long = 8, 24
+
+    def per_step(fit: Callable[[TimedLoader], None]) -> dict[str, float]:
+        counts = []
+        for steps in (short, long):
+            budget.check()
+            with warnings.catch_warnings(record=True) as caught, HostReads() as reads:
+                warnings.simplefilter("always")
+                if ctx.cuda:
+                    torch.cuda.set_sync_debug_mode("warn")
+                try:
+                    fit(TimedLoader(batches, 0, steps - 1, lambda: None))
+                finally:
+                    if ctx.cuda:
+                        torch.cuda.set_sync_debug_mode("default")
+            syncs = sum("synchroniz" in str(w.message) for w in caught)
+            counts.append((reads.total, syncs))
+        span = long - short
+        out = {"host_reads_per_step": (counts[1][0] - counts[0][0]) / span}
+        if ctx.cuda:
+            out["cuda_syncs_per_step"] = (counts[1][1] - counts[0][1]) / span
+        return out
+
+    result: dict[str, Any] = {"method": f"counts of a {long}-step fit minus an {short}-step one, per step"}
+    deferred = FitRun._defer_loss_checks
+    if not ctx.cuda:
+        # The dry run takes the accelerator's path: the loss check queued on the device.
+        FitRun._defer_loss_checks = lambda self: True  # type: ignore[method-assign]
+        result["note"] = "CPU dry run: no CUDA sync counts; the loss check forced onto the accelerator path"
+    ok = True
+    try:
+        for label, dtype, precision in (("fp32", None, 32), ("bf16", torch.bfloat16, "bf16"),
+                                        ("fp16", torch.float16, 16)):
+            hand = per_step(_hand_amp(ctx, widths, dtype, scaler_on=label == "fp16"))
+            ours = per_step(_trainer_fit(ctx, widths, precision=precision))
+            good = all(ours[key] <= hand[key] for key in hand)
+            ok &= good
+            result[label] = {"hand": hand, "torchplug": ours, "ok": good}
+    finally:
+        FitRun._defer_loss_checks = deferred  # type: ignore[method-assign]
+    result["status"] = "ok" if ok else "failed"
+    return result
+
+
 def section_native_amp_speed(ctx: Ctx, budget: Budget) -> dict[str, Any]:
     import torch
 
@@ -406,7 +463,7 @@ def section_native_amp_speed(ctx: Ctx, budget: Budget) -> dict[str, Any]:
     cases = [
         ("tiny", "bf16", torch.bfloat16, "bf16"), ("tiny", "fp16", torch.float16, 16),
         ("large", "bf16", torch.bfloat16, "bf16"), ("large", "fp16", torch.float16, 16),
-        ("large", "fp32", None, 32),
+        ("large", "fp32", None, 32), ("tiny", "fp32", None, 32),
     ]
     skipped = []
     for size, label, dtype, precision in cases:
@@ -421,7 +478,8 @@ def section_native_amp_speed(ctx: Ctx, budget: Budget) -> dict[str, Any]:
         variants = {"hand": _hand_amp(ctx, widths, dtype, scaler_on=label == "fp16"),
                     "torchplug": _trainer_fit(ctx, widths, info, precision=precision)}
         if size == "tiny" and label == "bf16":
-            # The loop's default non-finite-loss check reads the loss on the host every step.
+            # What the default non-finite-loss check costs (on CUDA it is queued on the device
+            # and read at the logging interval).
             variants["torchplug_no_loss_check"] = _trainer_fit(ctx, widths, precision=precision,
                                                                 on_nonfinite_loss="ignore")
         make_loader = functools.partial(TimedLoader, batches, warmup, measure, ctx.sync)
@@ -607,6 +665,7 @@ SECTIONS: list[tuple[str, Callable[[Ctx, Budget], dict[str, Any]], float, float]
     # name, function, its time limit (s), the least time worth starting it with (s)
     ("native_amp_dtype", section_native_amp_dtype, 30, 3),
     ("native_amp_overflow", section_native_amp_overflow, 30, 3),
+    ("host_syncs", section_host_syncs, 20, 3),
     ("native_amp_speed", section_native_amp_speed, 75, 10),
     ("ddp_one_rank", section_ddp_one_rank, 40, 8),
     ("apex", section_apex, 60, 10),
@@ -651,6 +710,9 @@ def _table(report: dict[str, Any]) -> str:
             lines.append(f"    skip on inf: params unchanged {sec['params_unchanged_on_skip']}, scale "
                          f"{sec['scale_before']} -> {sec['scale_after_skip']}, trains after "
                          f"{sec['trains_after_skip']}, skipped_steps {sec['skipped_steps_metric']}")
+        for label in ("fp32", "bf16", "fp16"):
+            if isinstance(sec.get(label), dict) and "hand" in sec[label]:
+                lines.append(f"    {label}: per step torchplug {sec[label]['torchplug']} vs hand {sec[label]['hand']}")
         if "wrapped" in sec:
             lines.append(f"    world size {sec['trainer_world_size']}, stepped model {sec['stepped_model']} "
                          f"(wrapped: {sec['wrapped']})")

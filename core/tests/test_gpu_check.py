@@ -56,8 +56,8 @@ def test_allow_cpu_quick_dry_run_writes_valid_json(tmp_path: Path) -> None:
     assert report["date"]
     assert report["gpu"] is None
     sections = report["sections"]
-    assert list(sections) == ["native_amp_dtype", "native_amp_overflow", "native_amp_speed", "ddp_one_rank",
-                              "apex", "apex_pytest"]
+    assert list(sections) == ["native_amp_dtype", "native_amp_overflow", "host_syncs", "native_amp_speed",
+                              "ddp_one_rank", "apex", "apex_pytest"]
     for section in sections.values():
         assert section["status"] in ("ok", "failed", "skipped")
     # CUDA-only features say they were skipped, and why.
@@ -77,6 +77,10 @@ def test_allow_cpu_quick_dry_run_writes_valid_json(tmp_path: Path) -> None:
         overflow = sections["native_amp_overflow"]
         assert overflow["status"] == "ok", overflow
         assert overflow["scale_after_skip"] == overflow["scale_before"] / 2
+        syncs = sections["host_syncs"]
+        assert syncs["status"] == "ok", syncs
+        assert syncs["fp32"]["torchplug"] == syncs["fp32"]["hand"] == {"host_reads_per_step": 0.0}
+        assert syncs["fp16"]["torchplug"] == syncs["fp16"]["hand"] == {"host_reads_per_step": 1.0}
         speed = sections["native_amp_speed"]
         assert speed["status"] == "ok", speed
         assert "strict fp32" in speed["fp32_baseline"]

@@ -1,8 +1,9 @@
 """The conformance suite must fail broken plugins, naming the broken contract.
 
 Each case runs the suite with pytester on a plugin with one known bug (several are bugs real
-plugins shipped: Lightning 1.1's un-entered ``no_sync``, a second ``GradScaler.unscale_``) and
-checks the outcome and the message. A correct minimal precision plugin passes, as a control.
+plugins shipped: Lightning 1.1's un-entered ``no_sync``, a second ``GradScaler.unscale_``, a
+host read of the loss scale every step) and checks the outcome and the message. A correct
+minimal precision plugin passes, as a control.
 """
 
 from __future__ import annotations
@@ -93,6 +94,19 @@ class SkipsTheFit(GoodAMP):
         return FitOutcome(0, 0, {}, None, None)
 
 
+class ReadsTheScale(GoodAMP):
+    """Tells a skipped step by comparing the loss scale before and after it (a common pattern):
+    two more host reads per step, each a full device sync on a GPU."""
+
+    def optimizer_step(self, optimizers):
+        before = self.scaler.get_scale()
+        for opt in optimizers:
+            self.scaler.step(opt)
+        self.scaler.update()
+        self.unscaled.clear()
+        return self.scaler.get_scale() >= before
+
+
 def make(cls):
     class Contract(PrecisionPluginContract):
         @pytest.fixture
@@ -113,6 +127,7 @@ TestUnscalesTwice = make(UnscalesTwice)
 TestNeverUnscales = make(NeverUnscales)
 TestIgnoresNormType = make(IgnoresNormType)
 TestSkipsTheFit = make(SkipsTheFit)
+TestReadsTheScale = make(ReadsTheScale)
 '''
 
 
@@ -122,6 +137,7 @@ MUTANTS = [
     ("TestNeverUnscales", "test_unscale_exactly_once_before_clipping", "not brought to their true scale"),
     ("TestIgnoresNormType", "test_clip_gradients_returns_total_norm[inf]", "honours norm_type=inf"),
     ("TestSkipsTheFit", "test_every_hook_fires_in_process", "every hook fires (in-process)"),
+    ("TestReadsTheScale", "test_no_host_read_per_step", "3 host reads per optimizer step"),
 ]
 
 

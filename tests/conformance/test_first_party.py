@@ -17,6 +17,7 @@ from typing import Any
 import pytest
 
 from torchplug.testing.conformance import PrecisionPluginContract, StrategyPluginContract
+from torchplug.testing.models import TinyMLP
 
 REPO = Path(__file__).resolve().parents[2]
 FAKE_APEX = REPO / "plugins" / "apex_plugin" / "tests" / "fake_apex"
@@ -105,6 +106,13 @@ class TestApexPluginWithFakeApex(PrecisionPluginContract):
     @pytest.fixture
     def trainer_kwargs(self) -> dict[str, Any]:
         return {"precision": 16, "amp_backend": "apex", "amp_level": "O2"}
+
+    @pytest.fixture
+    def host_reads_per_step(self) -> float:
+        # apex without its CUDA extension amp_C (which the fake mirrors) checks each gradient for
+        # overflow with a host read (scale_check_overflow_python), once per parameter tensor of
+        # TinyMLP. A hand-written apex loop reads the same; with amp_C it is one read per step.
+        return float(len(list(TinyMLP().parameters())))
 
     @pytest.mark.skip(reason="the fake apex marks parameters half but computes in fp32 (fake_apex/apex/amp "
                       "docstring); real apex casts only on CUDA, where plugins/apex_plugin's GPU test checks it")

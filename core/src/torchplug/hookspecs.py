@@ -385,7 +385,9 @@ def broadcast(obj: Any, src: int) -> Any:
     :param src: the sending rank.
     :returns: rank ``src``'s object. Default: ``obj``.
 
-    Convention: firstresult.
+    Convention: firstresult. Since pluggy reads a ``None`` result as "not handled", a plugin
+    that really broadcasts implements it as a wrapper (``@hookimpl(wrapper=True)``: ``yield``,
+    then return the received object), so that a broadcast ``None`` arrives as ``None``.
     """
 
 

@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from torchplug.testing.conformance import PrecisionPluginContract
+from torchplug.testing.models import TinyMLP
 from torchplug_apex import ApexPlugin
 
 pytestmark = [
@@ -39,3 +40,10 @@ class TestApexPluginConformance(PrecisionPluginContract):
     @pytest.fixture
     def expected_dtype(self) -> torch.dtype | None:
         return None  # the CPU fake of apex does not cast to fp16
+
+    @pytest.fixture
+    def host_reads_per_step(self) -> float:
+        # apex without amp_C (which the fake mirrors) reads each gradient for its overflow check
+        # (scale_check_overflow_python), once per parameter tensor of TinyMLP: what a hand loop
+        # reads too (test_apex_contract.py::test_contract_host_reads_match_a_hand_written_apex_loop).
+        return float(len(list(TinyMLP().parameters())))

@@ -15,6 +15,7 @@ import json
 import math
 import pickle
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -39,7 +40,9 @@ from apex_test_support import (
 
 import torchplug
 from torchplug import CheckpointError, MisconfigurationError, PluginHookError
+from torchplug.loop import FitRun
 from torchplug.testing.recorder import HookRecorder
+from torchplug.testing.syncs import HostReads
 from torchplug_apex import CHECKPOINT_KEY, ApexPlugin
 
 pytestmark = [
@@ -264,6 +267,29 @@ def test_contract_backward_runs_inside_scale_loss_like_the_documented_loop(
     first = scale_loss_calls[0]["loss"]
     x, y = data[0]
     assert torch.allclose(first * accumulate, F.cross_entropy(Net(batchnorm=True)(x), y), rtol=1e-6)
+
+
+@pytest.mark.parametrize("level", ["O1", "O2"])
+def test_contract_host_reads_match_a_hand_written_apex_loop(
+        fake_amp: ModuleType, level: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """On a GPU each host read (.item(), float(t), ...) stalls the host on the device. With the
+    accelerator path forced (the loss check queued), the Trainer reads per step exactly what
+    apex's documented loop reads: the fake mirrors apex without amp_C, whose overflow check
+    reads each gradient (with amp_C it is one read)."""
+    monkeypatch.setattr(FitRun, "_defer_loss_checks", lambda self: True)
+
+    def per_step(run: Callable[[int], Any]) -> float:
+        counts = []
+        for steps in (4, 12):
+            with HostReads() as reads:
+                run(steps)
+            counts.append(reads.total)
+        return (counts[1] - counts[0]) / 8
+
+    hand = per_step(lambda steps: hand_apex_loop(fake_amp, Net(), level, batches(steps)))
+    ours = per_step(lambda steps: fit(Net(), batches(steps), max_epochs=1, amp_level=level, log_every_n_steps=1000))
+    assert hand == len(list(Net().parameters()))
+    assert ours == hand
 
 
 def _configured(level: str, model: Net) -> tuple[ApexPlugin, torch.nn.Module, Any]:

@@ -133,6 +133,7 @@ class Recorder(DDPPlugin):
             "reduce_sum": float(hooks.reduce(tensor=torch.tensor(rank + 1.0), op="sum")),
             "reduce_mean": float(hooks.reduce(tensor=torch.tensor(rank + 1.0), op="mean")),
             "broadcast": hooks.broadcast(obj={"from": rank}, src=0),
+            "broadcast_none": hooks.broadcast(obj=None if rank == 0 else "own", src=0),
             "group": hooks.data_parallel_group() is not None,
         }
         run = trainer._run

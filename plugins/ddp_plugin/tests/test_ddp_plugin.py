@@ -89,7 +89,8 @@ def test_spawned_ranks_report_through_rank_zero(spawned: dict[str, Any]) -> None
     # A DistributedSampler was injected, and set_epoch ran for the last epoch.
     assert all(r["sampler"] == "DistributedSampler" and r["sampler_epoch"] == EPOCHS - 1 for r in ranks)
     assert all(r["model_wrapped"] == "DistributedDataParallel" for r in ranks)
-    expected = {"reduce_sum": 3.0, "reduce_mean": 1.5, "broadcast": {"from": 0}, "group": True}
+    expected = {"reduce_sum": 3.0, "reduce_mean": 1.5, "broadcast": {"from": 0}, "broadcast_none": None,
+                "group": True}
     assert all(r["collectives"] == expected for r in ranks)
     # The parent got rank 0's metrics, not rank 1's.
     assert trainer.callback_metrics == ranks[0]["metrics"]
@@ -265,7 +266,8 @@ def test_entry_point_and_one_process_runs_unwrapped(tmp_path: Path) -> None:
     assert seen["world"] == 1
     assert seen["after_setup_optimizers"]["world"] == 1
     assert seen["model_wrapped"] == "Regressor"  # no one-rank DDP wrapper
-    assert seen["collectives"] == {"reduce_sum": 1.0, "reduce_mean": 1.0, "broadcast": {"from": 0}, "group": False}
+    assert seen["collectives"] == {"reduce_sum": 1.0, "reduce_mean": 1.0, "broadcast": {"from": 0},
+                                    "broadcast_none": None, "group": False}
     assert not dist.is_initialized()
 
 

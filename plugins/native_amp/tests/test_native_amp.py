@@ -173,13 +173,16 @@ def test_validate_runs_under_autocast_without_a_fit() -> None:
 
 
 # --- fp16 loss scaling: skipped steps ---------------------------------------------------------------
-@pytest.fixture(params=["found_inf", "scale_fallback"])
+@pytest.fixture(params=["step_hook", "found_inf", "scale_fallback"])
 def skip_detection(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
-    """The plugin reads GradScaler's found_inf state; if torch's internals ever change it falls
-    back to watching the scale back off. Both must decide the same."""
-    if request.param == "scale_fallback":
-        import torchplug_native_amp.plugin as plugin_module
+    """The plugin tells a skipped step by an optimizer step post-hook; for optimizers where that
+    cannot tell (fused ones) it reads GradScaler's found_inf state; if torch's internals ever
+    change it falls back to watching the scale back off. All three must decide the same."""
+    import torchplug_native_amp.plugin as plugin_module
 
+    if request.param != "step_hook":
+        monkeypatch.setattr(plugin_module, "_step_observable", lambda optimizer: False)
+    if request.param == "scale_fallback":
         monkeypatch.setattr(plugin_module, "_found_inf", lambda scaler, optimizers: None)
     return str(request.param)
 
@@ -529,3 +532,71 @@ def test_bf16_training_stays_close_to_fp32() -> None:
     assert bf16_loss == pytest.approx(fp32_loss, rel=0.15, abs=0.02)
     diff = (flat_params(fp32_model) - flat_params(bf16_model)).abs().max().item()
     assert diff < 0.05
+
+
+@pytest.mark.parametrize("make_inf", [False, True])
+def test_a_fused_optimizer_that_skips_inside_its_kernel_is_still_counted(make_inf: bool) -> None:
+    """Adam(fused=True) takes the scaler's found_inf into its own kernel and "steps" either way,
+    so no step hook can tell; the plugin reads found_inf for it instead."""
+
+    class FusedAdam(MLP):
+        def configure_optimizers(self) -> Any:
+            return torch.optim.Adam(self.parameters(), lr=1e-3, fused=True)
+
+    model = FusedAdam()
+    model.inf_at = {1} if make_inf else set()
+    plugin = RecordingAMP(16, init_scale=1024.0)
+    rec = StepRecorder()
+    trainer = Trainer(plugins=[plugin, rec], max_steps=3, **QUIET)
+    trainer.fit(model, loader())
+    assert plugin.step_results == [True, not make_inf, True]
+    assert torch.equal(rec.before[1], rec.after[1]) is make_inf
+    assert trainer.callback_metrics.get("skipped_steps", 0.0) == float(make_inf)
+
+
+def _host_reads_per_step(run: Any) -> float:
+    """Host reads of ``run(steps)`` per step, from the difference of two lengths (setup and
+    end-of-fit reads cancel out)."""
+    from torchplug.testing.syncs import HostReads
+
+    counts = []
+    for steps in (4, 12):
+        with HostReads() as reads:
+            run(steps)
+        counts.append(reads.total)
+    return (counts[1] - counts[0]) / 8
+
+
+@pytest.mark.parametrize("precision", [16, "bf16"])
+def test_the_plugin_reads_the_device_no_more_often_than_a_hand_written_amp_loop(
+        precision: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """On a GPU every host read per step stalls the host on the device. With clipping, the
+    Trainer (its loss check deferred, as on an accelerator) reads as often as a hand-written
+    autocast loop: once per step for fp16 (GradScaler.step's found_inf), never for bf16."""
+    from torchplug.loop import FitRun
+
+    monkeypatch.setattr(FitRun, "_defer_loss_checks", lambda self: True)
+    dtype = torch.float16 if precision == 16 else torch.bfloat16
+
+    def trainer_run(steps: int) -> None:
+        trainer = Trainer(plugins=[NativeAMPPlugin(precision)], max_steps=steps, gradient_clip_val=1.0,
+                          log_every_n_steps=1000, **QUIET)
+        trainer.fit(MLP(), loader(n=256))
+
+    def hand_run(steps: int) -> None:
+        model = MLP()
+        opt = torch.optim.SGD(model.parameters(), lr=model.lr)
+        scaler = torch.amp.GradScaler("cpu", enabled=precision == 16)
+        for _, (x, y) in zip(range(steps), loader(n=256)):
+            with torch.autocast("cpu", dtype=dtype):
+                loss = nn.functional.mse_loss(model(x).float(), y)
+            scaler.scale(loss).backward()
+            scaler.unscale_(opt)
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            scaler.step(opt)
+            scaler.update()
+            opt.zero_grad(set_to_none=True)
+
+    hand = _host_reads_per_step(hand_run)
+    assert hand == (1.0 if precision == 16 else 0.0)
+    assert _host_reads_per_step(trainer_run) == hand

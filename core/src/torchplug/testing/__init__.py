@@ -6,6 +6,8 @@
 * :mod:`torchplug.testing.conformance`: the contracts a plugin keeps, as test classes to subclass
   (``PluginContract``, ``PrecisionPluginContract``, ``StrategyPluginContract``);
 * :mod:`torchplug.testing.recorder`: ``HookRecorder``, a plugin recording every hook call;
+* :mod:`torchplug.testing.syncs`: ``HostReads``, counting the host reads (``.item()``, ``float(t)``,
+  ``.cpu()``, ...) a run makes, each of which stalls a GPU;
 * :mod:`torchplug.testing.models`: ``TinyMLP`` and ``tiny_loader``, small, seeded and picklable;
 * :mod:`torchplug.testing.venv`: fresh virtual environments that share this interpreter's torch.
 

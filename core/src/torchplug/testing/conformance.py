@@ -22,7 +22,9 @@ function): strategy contracts pickle them into worker processes.
 
 * :class:`PluginContract` (every plugin): registers cleanly; survives pickling into workers;
   every hook the core calls still fires with the plugin active (fit, resume, failing fit);
-  no process group is left behind.
+  no process group is left behind; no host read (``.item()``, ``float(t)``, ``.cpu()``, ...)
+  per step beyond the ``host_reads_per_step`` fixture's allowance (default 0; precision
+  contracts allow fp16's one overflow check), since on a GPU each one stalls the host.
 * :class:`PrecisionPluginContract`: declares ``role = "precision"``; autocast is really active
   inside ``training_step`` (a matmul computes in the plugin's dtype); gradients are unscaled
   exactly once before clipping (at their true scale, compared with an fp32 recomputation, and a
@@ -59,10 +61,12 @@ import torch.distributed as dist
 from torch import nn
 
 from torchplug.hookspecs import hookimpl
+from torchplug.loop import FitRun
 from torchplug.manager import get_plugin_manager, role_of
 from torchplug.plugin import Plugin
 from torchplug.testing.models import TinyMLP, parameters_vector, tiny_loader
 from torchplug.testing.recorder import HookRecorder
+from torchplug.testing.syncs import HostReads
 from torchplug.trainer import Trainer
 from torchplug.utils import move_to_device, optimizer_params
 
@@ -235,6 +239,12 @@ class PluginContract:
         """Extra Trainer arguments of every contract run (e.g. ``{"precision": "bf16"}``)."""
         return {}
 
+    @pytest.fixture
+    def host_reads_per_step(self) -> float:
+        """Host reads per optimizer step the plugin may add: what a hand-written loop using the
+        same library makes (e.g. GradScaler.step's overflow check). Default 0."""
+        return 0.0
+
     @pytest.fixture(autouse=True)
     def _contract_environment(self, monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
         # Installed plugins and the user's environment must not take part in a contract run.
@@ -294,6 +304,31 @@ class PluginContract:
         if not recs["error"].raised:  # type: ignore[attr-defined]
             _broken("a fit that fails raises", plugin,
                     "training_step raised, and fit returned normally: the plugin swallowed the exception")
+
+    def test_no_host_read_per_step(self, plugin_factory: Callable[[], object], trainer_kwargs: dict[str, Any],
+                                   host_reads_per_step: float, tmp_path: Path,
+                                   monkeypatch: pytest.MonkeyPatch) -> None:
+        # The run takes the accelerator's path (the loss check queued on the device), so the
+        # count is what a GPU run would sync on; 12 steps minus 4 cancels setup and teardown.
+        monkeypatch.setattr(FitRun, "_defer_loss_checks", lambda self: True)
+        plugin = plugin_factory()
+        counts: list[HostReads] = []
+        for steps in (4, 12):
+            kwargs = _fit_kwargs(tmp_path / str(steps), trainer_kwargs, max_steps=steps, limit_train_batches=None,
+                                 accumulate_grad_batches=1, enable_checkpointing=False, log_every_n_steps=1000)
+            try:
+                with HostReads() as reads:
+                    Trainer(plugins=[plugin_factory()], **kwargs).fit(TinyMLP(), tiny_loader(n=64, batch_size=4))
+            except Exception as exc:
+                _broken("a fit with the plugin runs in-process", plugin, f"{type(exc).__name__}: {exc}")
+            counts.append(reads)
+        per_step = (counts[1].total - counts[0].total) / 8
+        if per_step > host_reads_per_step:
+            _broken("no host read per step", plugin,
+                    f"{per_step:g} host reads per optimizer step (.item(), float(t), bool(t), .tolist(), .cpu(), ...), "
+                    f"{host_reads_per_step:g} allowed. On a GPU each one waits for all queued device work. Keep "
+                    "values on the device (log tensors; torch.where instead of if), or read them at an interval. "
+                    f"Call sites over 12 steps:\n{counts[1].report()}")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -399,6 +434,12 @@ class PrecisionPluginContract(PluginContract):
                 "precision=16 or 'bf16' in `trainer_kwargs`."
             )
         return _DTYPES[precision]
+
+    @pytest.fixture
+    def host_reads_per_step(self, expected_dtype: torch.dtype | None) -> float:
+        """fp16 loss scaling reads its overflow flag once per step (GradScaler.step does, in a
+        hand-written loop too); bf16 reads nothing."""
+        return 1.0 if expected_dtype == torch.float16 else 0.0
 
     def _fit(self, plugin: object, trainer_kwargs: dict[str, Any], root: Path, module: nn.Module,
              **overrides: Any) -> tuple[_PrecisionProbe, Trainer]:

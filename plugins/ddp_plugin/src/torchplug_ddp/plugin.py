@@ -6,7 +6,7 @@ import inspect
 import logging
 import multiprocessing
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Generator
 from contextlib import AbstractContextManager, nullcontext
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -16,7 +16,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from torchplug import MisconfigurationError, Plugin, TrainingStepModule
+from torchplug import MisconfigurationError, Plugin, TrainingStepModule, hookimpl
 from torchplug.plugin import Role
 from torchplug.utils import move_to_device
 from torchplug_ddp._spawn import STORE_ENV, run_workers
@@ -296,9 +296,13 @@ class DDPPlugin(Plugin):
         else:
             dist.barrier(self.process_group)
 
-    def broadcast(self, obj: Any, src: int) -> Any:
+    @hookimpl(wrapper=True)
+    def broadcast(self, obj: Any, src: int) -> Generator[None, Any, Any]:
+        # A wrapper, because a plain firstresult implementation cannot return None: pluggy would
+        # take that for "not handled" and rank 1 would get its own object from the default.
+        result = yield
         if self._world_size <= 1:
-            return None
+            return result
         holder = [obj]
         dist.broadcast_object_list(holder, src=src, group=self.process_group)
         return holder[0]

@@ -7,7 +7,8 @@ Per accumulation window the core calls, and this plugin does::
     window end:         unscale_gradients → scaler.unscale_(opt), at most once per optimizer
                         clip_gradients    → unscale (if not yet), clip_grad_norm_
                         optimizer_step    → scaler.step(opt) for each, scaler.update() once;
-                                            False when the scaler skipped (inf/NaN gradients)
+                                            False when the scaler skipped (inf/NaN gradients),
+                                            told by a step post-hook: no extra host sync
 
 The scale stays constant inside a window (``update`` runs only at its end), so accumulated
 micro-batch gradients share one scale, as the PyTorch AMP recipe requires.
@@ -202,20 +203,31 @@ class NativeAMPPlugin(Plugin):
             return False
         for optimizer in stepping:
             self.unscale_gradients(optimizer)  # a no-op when the core already asked, as it does
-        # Each optimizer skips on its own inf/NaN (as in torch); the step counts as skipped if
-        # any did. After DDP's all-reduce every rank sees the same gradients, hence decides the
-        # same. Reading found_inf now costs no extra host sync: scaler.step syncs on it anyway.
-        found_inf = _found_inf(scaler, stepping)
+        # Whether each optimizer stepped or skipped on inf/NaN (each decides on its own, as in
+        # torch; the step counts as skipped if any did; after DDP's all-reduce every rank sees
+        # the same gradients, hence decides the same). A step post-hook tells without reading
+        # the device: scaler.step's own read of found_inf stays the step's only host sync, as in
+        # a hand-written loop. Fused optimizers skip inside their kernel, which the hook cannot
+        # see: for those found_inf is read, before scaler.step queues the optimizer's kernels.
+        observed = [opt for opt in stepping if _step_observable(opt)]
+        unobserved = [opt for opt in stepping if not _step_observable(opt)]
+        found_inf = _found_inf(scaler, unobserved) if unobserved else False
         before = scaler.get_scale() if found_inf is None else 0.0
-        for optimizer in stepping:
-            scaler.step(optimizer)
+        ran: list[Optimizer] = []
+        handles = [opt.register_step_post_hook(lambda stepped, args, kwargs: ran.append(stepped)) for opt in observed]
+        try:
+            for optimizer in stepping:
+                scaler.step(optimizer)
+        finally:
+            for handle in handles:
+                handle.remove()
         scaler.update()
         self._unscaled.clear()
         if found_inf is None:
             # Fallback (GradScaler internals changed): update() backs off exactly when some
             # optimizer found inf/NaN. Reading the new scale waits for the optimizer step.
             return not scaler.get_scale() < before
-        return not found_inf
+        return not found_inf and len(ran) == len(observed)
 
     # -- checkpoints -------------------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
@@ -302,6 +314,13 @@ def _check_autocast(device: torch.device, dtype: torch.dtype) -> None:
             f"{device} ({said}); training would silently run in fp32. Use a device and dtype torch supports "
             "(CPU: fp16 or bf16; CUDA: fp16, or bf16 where torch.cuda.is_bf16_supported())."
         )
+
+
+def _step_observable(optimizer: Optimizer) -> bool:
+    """Whether a step post-hook on ``optimizer`` runs exactly when GradScaler lets it step:
+    true for ``torch.optim.Optimizer`` subclasses, false for fused ones that take the scaler's
+    state into their own kernel (``_step_supports_amp_scaling``) and step regardless."""
+    return hasattr(optimizer, "register_step_post_hook") and not getattr(optimizer, "_step_supports_amp_scaling", False)
 
 
 def _found_inf(scaler: torch.amp.GradScaler, optimizers: list[Optimizer]) -> bool | None:

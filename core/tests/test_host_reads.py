@@ -1,0 +1,102 @@
+"""The loop reads nothing from the device per step (HostReads, torchplug.testing.syncs).
+
+On an accelerator each ``.item()``/``float()``/``.cpu()`` per step makes the host wait for the
+device and costs the overlap a hand-written loop keeps. The CPU run takes the accelerator's
+path (the non-finite loss check queued on the device, FitRun._defer_loss_checks) and counts the
+reads at the Python level: a run of 24 steps must read exactly as often as one of 8.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from torch.utils.data import DataLoader
+
+from torchplug import Trainer
+from torchplug.loop import FitRun
+from torchplug.testing.models import TinyMLP, tiny_dataset
+from torchplug.testing.syncs import HostReads
+
+
+def reads_of(run: Callable[[int], Any], sizes: tuple[int, int] = (8, 24)) -> tuple[HostReads, HostReads]:
+    out = []
+    for size in sizes:
+        with HostReads() as reads:
+            run(size)
+        out.append(reads)
+    return out[0], out[1]
+
+
+class Scheduled(TinyMLP):
+    """TinyMLP with a per-step LR scheduler."""
+
+    def configure_optimizers(self) -> Any:
+        opt = torch.optim.SGD(self.parameters(), lr=0.1, momentum=0.9)
+        sched = torch.optim.lr_scheduler.StepLR(opt, step_size=3, gamma=0.9)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+
+@pytest.mark.parametrize("options", [
+    {},
+    {"accumulate_grad_batches": 3, "gradient_clip_val": 0.5},
+    {"gradient_clip_val": 1.0, "gradient_clip_norm_type": float("inf")},
+], ids=["plain", "accumulate+clip", "clip-inf-norm"])
+def test_no_host_read_per_step_on_the_accelerator_path(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, options: dict[str, Any]) -> None:
+    monkeypatch.setattr(FitRun, "_defer_loss_checks", lambda self: True)
+
+    def run(steps: int) -> None:
+        # The defaults a user gets: CSV logger, checkpoints, progress bar (drawn from cached floats).
+        trainer = Trainer(max_steps=steps, log_every_n_steps=1000, default_root_dir=tmp_path / str(steps),
+                          autoload_plugins=False, **options)
+        trainer.fit(Scheduled(), DataLoader(tiny_dataset(8 * 80), batch_size=8))
+        assert trainer.global_step == steps
+
+    short, long = reads_of(run)
+    assert long.total == short.total, f"8 steps:\n{short.report()}\n24 steps:\n{long.report()}"
+    # What remains is per fit: one read of the queued loss checks, one of the logged metrics.
+    assert long.total <= 6, long.report()
+
+
+def test_logging_reads_once_per_interval_whatever_the_number_of_metrics(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(FitRun, "_defer_loss_checks", lambda self: True)
+
+    class ManyMetrics(TinyMLP):
+        def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+            loss = super().training_step(batch, batch_idx)
+            for i in range(5):
+                self.log(f"m{i}", loss * i)
+            return loss
+
+    def run(steps: int) -> None:
+        Trainer(max_steps=steps, log_every_n_steps=4, default_root_dir=tmp_path / str(steps),
+                autoload_plugins=False).fit(ManyMetrics(), DataLoader(tiny_dataset(8 * 80), batch_size=8))
+
+    short, long = reads_of(run)
+    # 16 more steps = 4 more logging intervals; each reads the six metrics and the queued loss
+    # checks in two transfers (.cpu() then .tolist() of one stacked tensor, each).
+    assert long.total - short.total == 4 * 2 * 2, long.report()
+
+
+def test_validation_reads_once_per_run_not_per_batch(tmp_path: Path) -> None:
+    def run(batches: int) -> None:
+        Trainer(autoload_plugins=False, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                default_root_dir=tmp_path).validate(TinyMLP(), DataLoader(tiny_dataset(8 * batches), batch_size=8))
+
+    short, long = reads_of(run)
+    assert long.total == short.total, long.report()
+
+
+def test_on_the_cpu_the_loss_is_checked_at_each_micro_batch(tmp_path: Path) -> None:
+    """Where reading costs nothing (the CPU) the check is immediate: a NaN stops the run at once."""
+    def run(steps: int) -> None:
+        Trainer(max_steps=steps, accumulate_grad_batches=2, log_every_n_steps=1000, autoload_plugins=False,
+                default_root_dir=tmp_path / str(steps)).fit(TinyMLP(), DataLoader(tiny_dataset(8 * 80), batch_size=8))
+
+    short, long = reads_of(run)
+    assert long.total - short.total == 16 * 2  # one loss.item() per micro-batch
