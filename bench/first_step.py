@@ -99,8 +99,16 @@ def _hand_ddp_worker(rank: int, store_path: str, stamp_path: str) -> None:
         torch.manual_seed(0)
         model = DistributedDataParallel(h.make_mlp(widths))
         _hand_step(widths, batch, stamp_path if rank == 0 else os.devnull, model=model)
+        # Both ranks leave together: a rank that tears gloo down while its peer still talks to it
+        # makes the peer abort ("terminate called without an active exception").
+        dist.barrier()
     finally:
         dist.destroy_process_group()
+    # As the ddp plugin's workers do: skip the interpreter's teardown, where C++ destructors of
+    # torch's distributed objects can abort the process (an intermittent SIGABRT at exit).
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 # ------------------------------------------------------------------------------------- parent

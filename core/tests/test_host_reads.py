@@ -3,12 +3,11 @@
 On an accelerator each ``.item()``/``float()``/``.cpu()`` per step makes the host wait for the
 device and costs the overlap a hand-written loop keeps. The CPU run takes the accelerator's
 path (the non-finite loss check queued on the device, FitRun._defer_loss_checks) and counts the
-reads at the Python level: a run of 24 steps must read exactly as often as one of 8.
+reads at the Python level (reads_per_step: a run of 24 steps against one of 8).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -19,16 +18,7 @@ from torch.utils.data import DataLoader
 from torchplug import Trainer
 from torchplug.loop import FitRun
 from torchplug.testing.models import TinyMLP, tiny_dataset
-from torchplug.testing.syncs import HostReads
-
-
-def reads_of(run: Callable[[int], Any], sizes: tuple[int, int] = (8, 24)) -> tuple[HostReads, HostReads]:
-    out = []
-    for size in sizes:
-        with HostReads() as reads:
-            run(size)
-        out.append(reads)
-    return out[0], out[1]
+from torchplug.testing.syncs import reads_per_step
 
 
 class Scheduled(TinyMLP):
@@ -56,10 +46,10 @@ def test_no_host_read_per_step_on_the_accelerator_path(
         trainer.fit(Scheduled(), DataLoader(tiny_dataset(8 * 80), batch_size=8))
         assert trainer.global_step == steps
 
-    short, long = reads_of(run)
-    assert long.total == short.total, f"8 steps:\n{short.report()}\n24 steps:\n{long.report()}"
+    per_step, reads = reads_per_step(run, (8, 24))
+    assert per_step == 0, reads.report()
     # What remains is per fit: one read of the queued loss checks, one of the logged metrics.
-    assert long.total <= 6, long.report()
+    assert reads.total <= 6, reads.report()
 
 
 def test_logging_reads_once_per_interval_whatever_the_number_of_metrics(
@@ -77,10 +67,10 @@ def test_logging_reads_once_per_interval_whatever_the_number_of_metrics(
         Trainer(max_steps=steps, log_every_n_steps=4, default_root_dir=tmp_path / str(steps),
                 autoload_plugins=False).fit(ManyMetrics(), DataLoader(tiny_dataset(8 * 80), batch_size=8))
 
-    short, long = reads_of(run)
+    per_step, reads = reads_per_step(run, (8, 24))
     # 16 more steps = 4 more logging intervals; each reads the six metrics and the queued loss
     # checks in two transfers (.cpu() then .tolist() of one stacked tensor, each).
-    assert long.total - short.total == 4 * 2 * 2, long.report()
+    assert per_step * 16 == 4 * 2 * 2, reads.report()
 
 
 def test_validation_reads_once_per_run_not_per_batch(tmp_path: Path) -> None:
@@ -88,8 +78,8 @@ def test_validation_reads_once_per_run_not_per_batch(tmp_path: Path) -> None:
         Trainer(autoload_plugins=False, logger=False, enable_checkpointing=False, enable_progress_bar=False,
                 default_root_dir=tmp_path).validate(TinyMLP(), DataLoader(tiny_dataset(8 * batches), batch_size=8))
 
-    short, long = reads_of(run)
-    assert long.total == short.total, long.report()
+    per_batch, reads = reads_per_step(run, (8, 24))
+    assert per_batch == 0, reads.report()
 
 
 def test_on_the_cpu_the_loss_is_checked_at_each_micro_batch(tmp_path: Path) -> None:
@@ -98,5 +88,5 @@ def test_on_the_cpu_the_loss_is_checked_at_each_micro_batch(tmp_path: Path) -> N
         Trainer(max_steps=steps, accumulate_grad_batches=2, log_every_n_steps=1000, autoload_plugins=False,
                 default_root_dir=tmp_path / str(steps)).fit(TinyMLP(), DataLoader(tiny_dataset(8 * 80), batch_size=8))
 
-    short, long = reads_of(run)
-    assert long.total - short.total == 16 * 2  # one loss.item() per micro-batch
+    per_step, reads = reads_per_step(run, (8, 24))
+    assert per_step == 2, reads.report()  # one loss.item() per micro-batch

@@ -15,7 +15,6 @@ import json
 import math
 import pickle
 import warnings
-from collections.abc import Callable
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -42,7 +41,7 @@ import torchplug
 from torchplug import CheckpointError, MisconfigurationError, PluginHookError
 from torchplug.loop import FitRun
 from torchplug.testing.recorder import HookRecorder
-from torchplug.testing.syncs import HostReads
+from torchplug.testing.syncs import reads_per_step
 from torchplug_apex import CHECKPOINT_KEY, ApexPlugin
 
 pytestmark = [
@@ -278,18 +277,11 @@ def test_contract_host_reads_match_a_hand_written_apex_loop(
     reads each gradient (with amp_C it is one read)."""
     monkeypatch.setattr(FitRun, "_defer_loss_checks", lambda self: True)
 
-    def per_step(run: Callable[[int], Any]) -> float:
-        counts = []
-        for steps in (4, 12):
-            with HostReads() as reads:
-                run(steps)
-            counts.append(reads.total)
-        return (counts[1] - counts[0]) / 8
-
-    hand = per_step(lambda steps: hand_apex_loop(fake_amp, Net(), level, batches(steps)))
-    ours = per_step(lambda steps: fit(Net(), batches(steps), max_epochs=1, amp_level=level, log_every_n_steps=1000))
+    hand, _ = reads_per_step(lambda steps: hand_apex_loop(fake_amp, Net(), level, batches(steps)))
+    ours, reads = reads_per_step(
+        lambda steps: fit(Net(), batches(steps), max_epochs=1, amp_level=level, log_every_n_steps=1000))
     assert hand == len(list(Net().parameters()))
-    assert ours == hand
+    assert ours == hand, reads.report()
 
 
 def _configured(level: str, model: Net) -> tuple[ApexPlugin, torch.nn.Module, Any]:

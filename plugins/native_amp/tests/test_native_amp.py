@@ -554,19 +554,6 @@ def test_a_fused_optimizer_that_skips_inside_its_kernel_is_still_counted(make_in
     assert trainer.callback_metrics.get("skipped_steps", 0.0) == float(make_inf)
 
 
-def _host_reads_per_step(run: Any) -> float:
-    """Host reads of ``run(steps)`` per step, from the difference of two lengths (setup and
-    end-of-fit reads cancel out)."""
-    from torchplug.testing.syncs import HostReads
-
-    counts = []
-    for steps in (4, 12):
-        with HostReads() as reads:
-            run(steps)
-        counts.append(reads.total)
-    return (counts[1] - counts[0]) / 8
-
-
 @pytest.mark.parametrize("precision", [16, "bf16"])
 def test_the_plugin_reads_the_device_no_more_often_than_a_hand_written_amp_loop(
         precision: Any, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -574,6 +561,7 @@ def test_the_plugin_reads_the_device_no_more_often_than_a_hand_written_amp_loop(
     Trainer (its loss check deferred, as on an accelerator) reads as often as a hand-written
     autocast loop: once per step for fp16 (GradScaler.step's found_inf), never for bf16."""
     from torchplug.loop import FitRun
+    from torchplug.testing.syncs import reads_per_step
 
     monkeypatch.setattr(FitRun, "_defer_loss_checks", lambda self: True)
     dtype = torch.float16 if precision == 16 else torch.bfloat16
@@ -597,6 +585,7 @@ def test_the_plugin_reads_the_device_no_more_often_than_a_hand_written_amp_loop(
             scaler.update()
             opt.zero_grad(set_to_none=True)
 
-    hand = _host_reads_per_step(hand_run)
+    hand, _ = reads_per_step(hand_run)
+    ours, reads = reads_per_step(trainer_run)
     assert hand == (1.0 if precision == 16 else 0.0)
-    assert _host_reads_per_step(trainer_run) == hand
+    assert ours == hand, reads.report()

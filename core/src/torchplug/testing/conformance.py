@@ -66,7 +66,7 @@ from torchplug.manager import get_plugin_manager, role_of
 from torchplug.plugin import Plugin
 from torchplug.testing.models import TinyMLP, parameters_vector, tiny_loader
 from torchplug.testing.recorder import HookRecorder
-from torchplug.testing.syncs import HostReads
+from torchplug.testing.syncs import reads_per_step
 from torchplug.trainer import Trainer
 from torchplug.utils import move_to_device, optimizer_params
 
@@ -312,23 +312,22 @@ class PluginContract:
         # count is what a GPU run would sync on; 12 steps minus 4 cancels setup and teardown.
         monkeypatch.setattr(FitRun, "_defer_loss_checks", lambda self: True)
         plugin = plugin_factory()
-        counts: list[HostReads] = []
-        for steps in (4, 12):
+
+        def fit_for(steps: int) -> None:
             kwargs = _fit_kwargs(tmp_path / str(steps), trainer_kwargs, max_steps=steps, limit_train_batches=None,
                                  accumulate_grad_batches=1, enable_checkpointing=False, log_every_n_steps=1000)
-            try:
-                with HostReads() as reads:
-                    Trainer(plugins=[plugin_factory()], **kwargs).fit(TinyMLP(), tiny_loader(n=64, batch_size=4))
-            except Exception as exc:
-                _broken("a fit with the plugin runs in-process", plugin, f"{type(exc).__name__}: {exc}")
-            counts.append(reads)
-        per_step = (counts[1].total - counts[0].total) / 8
+            Trainer(plugins=[plugin_factory()], **kwargs).fit(TinyMLP(), tiny_loader(n=64, batch_size=4))
+
+        try:
+            per_step, reads = reads_per_step(fit_for)
+        except Exception as exc:
+            _broken("a fit with the plugin runs in-process", plugin, f"{type(exc).__name__}: {exc}")
         if per_step > host_reads_per_step:
             _broken("no host read per step", plugin,
                     f"{per_step:g} host reads per optimizer step (.item(), float(t), bool(t), .tolist(), .cpu(), ...), "
                     f"{host_reads_per_step:g} allowed. On a GPU each one waits for all queued device work. Keep "
                     "values on the device (log tensors; torch.where instead of if), or read them at an interval. "
-                    f"Call sites over 12 steps:\n{counts[1].report()}")
+                    f"Call sites over 12 steps:\n{reads.report()}")
 
 
 # ----------------------------------------------------------------------------------------------

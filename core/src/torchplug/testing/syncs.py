@@ -9,6 +9,8 @@ the device, so a test on the CPU shows whether a loop or a hook would sync an ac
         trainer.fit(module, loader)
     assert reads.total == 0, reads.report()
 
+    per_step, reads = reads_per_step(fit_for)   # fit_for(n) trains n steps; setup reads cancel
+
 It sees calls made from Python, torch's own Python included (``GradScaler.step`` reads its
 ``found_inf`` flag with ``.item()``); reads inside C++ operators are not seen. On CUDA,
 ``torch.cuda.set_sync_debug_mode("warn")`` reports those as well.
@@ -18,6 +20,7 @@ from __future__ import annotations
 
 import sys
 from collections import Counter
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -61,6 +64,19 @@ class HostReads(TorchFunctionMode):
         if func in READS:
             self.sites[f"{getattr(func, '__name__', func)} at {_caller()}"] += 1
         return func(*args, **kwargs)
+
+
+def reads_per_step(run: Callable[[int], object], steps: tuple[int, int] = (4, 12)) -> tuple[float, HostReads]:
+    """Host reads per step of ``run(n)``, a function that trains ``n`` steps: it runs a short and
+    a long run and divides the difference of their counts by the extra steps, so the reads of
+    setup and teardown cancel out. Returns that and the long run's :class:`HostReads`."""
+    short, long = steps
+    counted = []
+    for n in (short, long):
+        with HostReads() as reads:
+            run(n)
+        counted.append(reads)
+    return (counted[1].total - counted[0].total) / (long - short), counted[1]
 
 
 def _caller() -> str:
