@@ -11,6 +11,7 @@ import json
 import multiprocessing
 import os
 import time
+import weakref
 from collections.abc import Iterator
 from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
@@ -150,6 +151,7 @@ class Recorder(DDPPlugin):
             "device": str(next(model.parameters()).device),
         })
         self._dump(trainer.global_rank)
+        self.wrapper = weakref.ref(run.model)  # is it still alive after fit? (test_ddp_plugin.py)
 
     def _dump(self, rank: int) -> None:
         path = Path(self.out_dir) / f"{self.tag}-rank{rank}.json"
@@ -208,11 +210,14 @@ def preinitialised_worker(rank: int, world: int, store_path: str, out_dir: str, 
     try:
         for tag, plugin_cls in (("accumulate", CountingDDP), ("lightning11", Lightning11DDP)):
             model = Regressor()
-            trainer = Trainer(**quiet(plugins=[plugin_cls(out_dir, tag=tag)], accumulate_grad_batches=4,
-                                      accelerator=accelerator))
+            plugin = plugin_cls(out_dir, tag=tag)
+            trainer = Trainer(**quiet(plugins=[plugin], accumulate_grad_batches=4, accelerator=accelerator))
             trainer.fit(model, loader(batch_size=4))
             if rank == 0:
                 torch.save(state(model), os.path.join(out_dir, f"{tag}-weights.pt"))
+            # The DDP wrapper (it holds the process group) must not outlive the fit, though
+            # the trainer does: see FitRun._release_wrapper.
+            Path(out_dir, f"{tag}-wrapper-alive-rank{rank}").write_text(str(plugin.wrapper() is not None))
         # The plugin must leave a group it did not create alone.
         Path(out_dir, f"still-initialised-rank{rank}").write_text(str(dist.is_initialized()))
     finally:
