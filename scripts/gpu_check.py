@@ -401,17 +401,18 @@ def section_host_syncs(ctx: Ctx, budget: Budget) -> dict[str, Any]:
     import torch
 
     from torchplug.loop import FitRun
-    from torchplug.testing.syncs import HostReads
+    from torchplug.testing.syncs import reads_per_step
 
     widths, batch = ctx.tiny
     batches = make_batches(widths, batch, ctx.device)
     short, long = 8, 24
 
     def per_step(fit: Callable[[TimedLoader], None]) -> dict[str, float]:
-        counts = []
-        for steps in (short, long):
+        cuda_syncs: list[int] = []
+
+        def run(steps: int) -> None:
             budget.check()
-            with warnings.catch_warnings(record=True) as caught, HostReads() as reads:
+            with warnings.catch_warnings(record=True) as caught:
                 warnings.simplefilter("always")
                 if ctx.cuda:
                     torch.cuda.set_sync_debug_mode("warn")
@@ -420,12 +421,12 @@ def section_host_syncs(ctx: Ctx, budget: Budget) -> dict[str, Any]:
                 finally:
                     if ctx.cuda:
                         torch.cuda.set_sync_debug_mode("default")
-            syncs = sum("synchroniz" in str(w.message) for w in caught)
-            counts.append((reads.total, syncs))
-        span = long - short
-        out = {"host_reads_per_step": (counts[1][0] - counts[0][0]) / span}
+            cuda_syncs.append(sum("synchroniz" in str(w.message) for w in caught))
+
+        reads, _ = reads_per_step(run, (short, long))
+        out = {"host_reads_per_step": reads}
         if ctx.cuda:
-            out["cuda_syncs_per_step"] = (counts[1][1] - counts[0][1]) / span
+            out["cuda_syncs_per_step"] = (cuda_syncs[1] - cuda_syncs[0]) / (long - short)
         return out
 
     result: dict[str, Any] = {"method": f"counts of a {long}-step fit minus an {short}-step one, per step"}

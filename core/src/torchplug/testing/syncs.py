@@ -52,9 +52,6 @@ class HostReads(TorchFunctionMode):
     def total(self) -> int:
         return sum(self.sites.values())
 
-    def reset(self) -> None:
-        self.sites.clear()
-
     def report(self) -> str:
         """One line per call site, most frequent first."""
         return "\n".join(f"{count:6d}  {site}" for site, count in self.sites.most_common()) or "no host reads"
