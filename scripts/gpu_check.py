@@ -400,8 +400,7 @@ def section_host_syncs(ctx: Ctx, budget: Budget) -> dict[str, Any]:
     synchronising CUDA calls (torch.cuda.set_sync_debug_mode("warn")), Trainer vs hand loop."""
     import torch
 
-    from torchplug.loop import FitRun
-    from torchplug.testing.syncs import reads_per_step
+    from torchplug.testing.syncs import accelerator_path, reads_per_step
 
     widths, batch = ctx.tiny
     batches = make_batches(widths, batch, ctx.device)
@@ -430,13 +429,12 @@ def section_host_syncs(ctx: Ctx, budget: Budget) -> dict[str, Any]:
         return out
 
     result: dict[str, Any] = {"method": f"counts of a {long}-step fit minus an {short}-step one, per step"}
-    deferred = FitRun._defer_loss_checks
     if not ctx.cuda:
-        # The dry run takes the accelerator's path: the loss check queued on the device.
-        FitRun._defer_loss_checks = lambda self: True  # type: ignore[method-assign]
         result["note"] = "CPU dry run: no CUDA sync counts; the loss check forced onto the accelerator path"
     ok = True
-    try:
+    # The dry run takes the accelerator's path (the loss check queued on the device); a CUDA run
+    # takes it anyway.
+    with accelerator_path():
         for label, dtype, precision in (("fp32", None, 32), ("bf16", torch.bfloat16, "bf16"),
                                         ("fp16", torch.float16, 16)):
             hand = per_step(_hand_amp(ctx, widths, dtype, scaler_on=label == "fp16"))
@@ -444,8 +442,6 @@ def section_host_syncs(ctx: Ctx, budget: Budget) -> dict[str, Any]:
             good = all(ours[key] <= hand[key] for key in hand)
             ok &= good
             result[label] = {"hand": hand, "torchplug": ours, "ok": good}
-    finally:
-        FitRun._defer_loss_checks = deferred  # type: ignore[method-assign]
     result["status"] = "ok" if ok else "failed"
     return result
 

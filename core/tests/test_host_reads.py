@@ -2,7 +2,7 @@
 
 On an accelerator each ``.item()``/``float()``/``.cpu()`` per step makes the host wait for the
 device and costs the overlap a hand-written loop keeps. The CPU run takes the accelerator's
-path (the non-finite loss check queued on the device, FitRun._defer_loss_checks) and counts the
+path (the non-finite loss check queued on the device, torchplug.testing.syncs.accelerator_path) and counts the
 reads at the Python level (reads_per_step: a run of 24 steps against one of 8).
 """
 
@@ -16,9 +16,8 @@ import torch
 from torch.utils.data import DataLoader
 
 from torchplug import Trainer
-from torchplug.loop import FitRun
 from torchplug.testing.models import TinyMLP, tiny_dataset
-from torchplug.testing.syncs import reads_per_step
+from torchplug.testing.syncs import accelerator_path, reads_per_step
 
 
 class Scheduled(TinyMLP):
@@ -35,10 +34,7 @@ class Scheduled(TinyMLP):
     {"accumulate_grad_batches": 3, "gradient_clip_val": 0.5},
     {"gradient_clip_val": 1.0, "gradient_clip_norm_type": float("inf")},
 ], ids=["plain", "accumulate+clip", "clip-inf-norm"])
-def test_no_host_read_per_step_on_the_accelerator_path(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, options: dict[str, Any]) -> None:
-    monkeypatch.setattr(FitRun, "_defer_loss_checks", lambda self: True)
-
+def test_no_host_read_per_step_on_the_accelerator_path(tmp_path: Path, options: dict[str, Any]) -> None:
     def run(steps: int) -> None:
         # The defaults a user gets: CSV logger, checkpoints, progress bar (drawn from cached floats).
         trainer = Trainer(max_steps=steps, log_every_n_steps=1000, default_root_dir=tmp_path / str(steps),
@@ -46,16 +42,14 @@ def test_no_host_read_per_step_on_the_accelerator_path(
         trainer.fit(Scheduled(), DataLoader(tiny_dataset(8 * 80), batch_size=8))
         assert trainer.global_step == steps
 
-    per_step, reads = reads_per_step(run, (8, 24))
+    with accelerator_path():
+        per_step, reads = reads_per_step(run, (8, 24))
     assert per_step == 0, reads.report()
     # What remains is per fit: one read of the queued loss checks, one of the logged metrics.
     assert reads.total <= 6, reads.report()
 
 
-def test_logging_reads_once_per_interval_whatever_the_number_of_metrics(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(FitRun, "_defer_loss_checks", lambda self: True)
-
+def test_logging_reads_once_per_interval_whatever_the_number_of_metrics(tmp_path: Path) -> None:
     class ManyMetrics(TinyMLP):
         def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
             loss = super().training_step(batch, batch_idx)
@@ -67,7 +61,8 @@ def test_logging_reads_once_per_interval_whatever_the_number_of_metrics(
         Trainer(max_steps=steps, log_every_n_steps=4, default_root_dir=tmp_path / str(steps),
                 autoload_plugins=False).fit(ManyMetrics(), DataLoader(tiny_dataset(8 * 80), batch_size=8))
 
-    per_step, reads = reads_per_step(run, (8, 24))
+    with accelerator_path():
+        per_step, reads = reads_per_step(run, (8, 24))
     # 16 more steps = 4 more logging intervals; each reads the six metrics and the queued loss
     # checks in two transfers (.cpu() then .tolist() of one stacked tensor, each).
     assert per_step * 16 == 4 * 2 * 2, reads.report()

@@ -1,6 +1,6 @@
 """On an accelerator the non-finite loss check is queued on the device (no host sync per step)
-and read at the logging interval and before checkpoints. The CPU takes the same path here by
-forcing FitRun._defer_loss_checks, so the bookkeeping is tested without a GPU."""
+and read at the logging interval and before checkpoints. The CPU takes the same path here under
+torchplug.testing.syncs.accelerator_path, so the bookkeeping is tested without a GPU."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from torchplug import NonFiniteLossError, Trainer, TrainingModule
-from torchplug.loop import FitRun
+from torchplug.testing.syncs import accelerator_path
 
 
 class NaNAtStep(TrainingModule):
@@ -37,19 +37,18 @@ def loader() -> DataLoader[tuple[torch.Tensor, ...]]:
                       batch_size=4)
 
 
-def test_deferred_check_names_the_first_bad_step_and_writes_no_checkpoint(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(FitRun, "_defer_loss_checks", lambda self: True)
-    trainer = Trainer(max_epochs=1, log_every_n_steps=8, default_root_dir=tmp_path, enable_progress_bar=False,
-                      autoload_plugins=False)
-    with pytest.raises(NonFiniteLossError, match=r"batch 5 \(global step 5.*detected at global step 8"):
-        trainer.fit(NaNAtStep(bad_batch=5), loader())
+def test_deferred_check_names_the_first_bad_step_and_writes_no_checkpoint(tmp_path: Path) -> None:
+    with accelerator_path():
+        trainer = Trainer(max_epochs=1, log_every_n_steps=8, default_root_dir=tmp_path, enable_progress_bar=False,
+                          autoload_plugins=False)
+        with pytest.raises(NonFiniteLossError, match=r"batch 5 \(global step 5.*detected at global step 8"):
+            trainer.fit(NaNAtStep(bad_batch=5), loader())
     assert not list(tmp_path.rglob("*.ckpt")), "a checkpoint was written after a non-finite loss"
 
 
-def test_deferred_check_passes_clean_runs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(FitRun, "_defer_loss_checks", lambda self: True)
-    trainer = Trainer(max_epochs=1, log_every_n_steps=8, default_root_dir=tmp_path, enable_progress_bar=False,
-                      autoload_plugins=False)
-    trainer.fit(NaNAtStep(bad_batch=-1), loader())
+def test_deferred_check_passes_clean_runs(tmp_path: Path) -> None:
+    with accelerator_path():
+        trainer = Trainer(max_epochs=1, log_every_n_steps=8, default_root_dir=tmp_path, enable_progress_bar=False,
+                          autoload_plugins=False)
+        trainer.fit(NaNAtStep(bad_batch=-1), loader())
     assert trainer.global_step == 16

@@ -71,7 +71,7 @@ def expected_fit(epochs: int, n_batches: int, accumulate: int, clip: bool, n_val
             calls += ["reduce"] * val_metrics
             calls.append("on_validation_end")
         if checkpoint:
-            calls.append("on_save_checkpoint")
+            calls += ["collect_state", "on_save_checkpoint"]
     calls += ["on_fit_end", "teardown_environment"]
     return calls
 

@@ -3,7 +3,9 @@
 Each class is skipped, saying why, when its distribution is not installed in the environment
 under test (``pip install -e plugins/<name>``, or the wheels of ``nox -s wheels``). The apex
 plugin runs against the fake NVIDIA apex 25.05 in ``plugins/apex_plugin/tests/fake_apex/``
-(real apex needs CUDA): its autocast contract is skipped, because the fake does not cast.
+(real apex needs CUDA) through ``CPUApexPlugin``, defined here: ApexPlugin without its CUDA
+requirement (``plugins/apex_plugin/tests`` is not importable from the installed wheels). Its
+autocast contract is skipped, because the fake does not cast.
 """
 
 from __future__ import annotations
@@ -73,10 +75,9 @@ class TestNativeAMPFp16(PrecisionPluginContract):
 
 @pytest.fixture
 def fake_apex(monkeypatch: pytest.MonkeyPatch) -> Iterator[Any]:
-    """The fake apex 25.05 on sys.path, with its global amp state reset around the test, and
-    the apex plugin's test-only CPU switch on (real apex amp needs CUDA; the fake does not)."""
+    """The fake apex 25.05 on sys.path, with its global amp state reset around the test (real
+    apex amp needs CUDA; the fake does not: the class below drives it with CPUApexPlugin)."""
     monkeypatch.syspath_prepend(str(FAKE_APEX))
-    monkeypatch.setenv("TORCHPLUG_APEX_ALLOW_CPU", "1")
     for name in [m for m in sys.modules if m == "apex" or m.startswith("apex.")]:
         monkeypatch.delitem(sys.modules, name)
     amp = importlib.import_module("apex.amp")
@@ -95,13 +96,22 @@ def _apex_plugin_class() -> tuple[Any, str]:
 
 _apex_module, _apex_missing = _apex_plugin_class()
 
+if _apex_module is not None:
+    from torchplug_apex import ApexPlugin
+
+    class CPUApexPlugin(ApexPlugin):
+        """ApexPlugin without its CUDA requirement, for the CPU fake of apex.amp only (as
+        plugins/apex_plugin/tests/apex_test_support.py defines it for the plugin's own tests)."""
+
+        _needs_cuda = False
+
 
 @pytest.mark.skipif(_apex_module is None, reason=_apex_missing)
 @pytest.mark.filterwarnings("ignore:NVIDIA apex amp is deprecated:FutureWarning")
 class TestApexPluginWithFakeApex(PrecisionPluginContract):
     @pytest.fixture
     def plugin_factory(self, fake_apex: Any) -> Callable[[], object]:
-        return importlib.import_module("torchplug_apex").ApexPlugin  # type: ignore[no-any-return]
+        return CPUApexPlugin
 
     @pytest.fixture
     def trainer_kwargs(self) -> dict[str, Any]:

@@ -39,8 +39,9 @@ from torchplug.plugin import Plugin
 if TYPE_CHECKING:
     from torchplug.manager import PluginManager, get_plugin_manager
     from torchplug.module import TrainingModule
+    from torchplug.run import FitOutcome
     from torchplug.seed import seed_everything
-    from torchplug.trainer import FitOutcome, Trainer
+    from torchplug.trainer import Trainer
     from torchplug.wrappers import TrainingStepModule
 
 # Names that need torch load on first use, so `import torchplug` (and `torchplug plugins`, which
@@ -50,7 +51,7 @@ _LAZY = {
     "get_plugin_manager": "torchplug.manager",
     "TrainingModule": "torchplug.module",
     "seed_everything": "torchplug.seed",
-    "FitOutcome": "torchplug.trainer",
+    "FitOutcome": "torchplug.run",
     "Trainer": "torchplug.trainer",
     "TrainingStepModule": "torchplug.wrappers",
 }

@@ -300,16 +300,21 @@ def forward_context(model: nn.Module) -> AbstractContextManager[Any] | None:
 
 
 @hookspec(firstresult=True)
-def backward(loss: torch.Tensor, optimizers: list[Optimizer], model: nn.Module) -> Any:
+def backward(loss: torch.Tensor, optimizers: list[Optimizer], model: nn.Module, sync_gradients: bool) -> Any:
     """Run backward for one micro-batch's loss (precision: loss scaling).
 
     :param loss: the micro-batch loss, already divided by the accumulation window length.
     :param optimizers: the optimizers that will step at the window's end.
     :param model: the module that ran the step.
+    :param sync_gradients: whether this backward synchronises gradients across processes:
+        ``True`` for the last micro-batch of an accumulation window (run outside
+        ``block_backward_sync``), ``False`` for the others. Always ``True`` with a window of 1.
     :returns: anything but ``None`` once backward has run. Default: ``loss.backward()``.
 
     Convention: firstresult. ``native_amp`` backpropagates ``scaler.scale(loss)``; ``apex``
-    runs backward inside ``amp.scale_loss``.
+    runs backward inside ``amp.scale_loss`` (with ``delay_unscale`` when ``sync_gradients`` is
+    ``False`` across processes). Like every hook argument, ``sync_gradients`` is passed only to
+    implementations that name it.
     """
 
 
@@ -480,6 +485,21 @@ def on_validation_end(trainer: Trainer, metrics: dict[str, float]) -> None:
 
 
 @hookspec
+def collect_state(trainer: Trainer) -> None:
+    """Gather on every process the state that global rank 0 is about to read.
+
+    :param trainer: the Trainer.
+
+    Convention: all called, on EVERY process, right before rank 0 builds a checkpoint
+    (``last.ckpt``, ``trainer.save_checkpoint``) and before the trained weights are handed back
+    after fit. It may run collectives: a sharded optimizer consolidates its state here
+    (``ZeroRedundancyOptimizer.consolidate_state_dict(to=0)``), a sharded model gathers its full
+    state dict. ``on_save_checkpoint`` (rank 0) then reads what was gathered, and
+    ``on_fit_end`` runs after the gather of the final weights.
+    """
+
+
+@hookspec
 def on_save_checkpoint(trainer: Trainer, checkpoint: dict[str, Any]) -> None:
     """A checkpoint is being written: add this plugin's state.
 
@@ -530,3 +550,7 @@ def on_exception(trainer: Trainer, exception: BaseException) -> None:
 HOOK_NAMES: Sequence[str] = tuple(
     name for name, value in list(globals().items()) if hasattr(value, "torchplug_spec")
 )
+
+#: Hooks the core calls itself, implementation after implementation, each receiving what the
+#: previous one returned; their implementations cannot be wrappers. The one place this is said.
+CHAINED_HOOKS: frozenset[str] = frozenset({"on_before_forward"})

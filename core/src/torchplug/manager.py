@@ -36,6 +36,7 @@ from typing import Any, Literal, cast
 import pluggy
 
 from torchplug import defaults, discovery, hookspecs
+from torchplug._validation import check_arguments, label, near_miss, object_origin, signature, unknown_hook_message
 from torchplug.discovery import BLOCK_ENV, DISABLE_AUTOLOAD_ENV, PLUGINS_ENV, EntryPointInfo
 from torchplug.errors import (
     PluginBlockedError,
@@ -45,6 +46,7 @@ from torchplug.errors import (
     PluginNotFoundError,
     PluginValidationError,
 )
+from torchplug.hookspecs import CHAINED_HOOKS
 from torchplug.plugin import Plugin, Role
 
 __all__ = [
@@ -62,9 +64,6 @@ __all__ = [
 
 DEFAULTS_NAME = "torchplug.defaults"
 ROLES: tuple[Role, ...] = ("precision", "strategy")
-
-#: Hooks whose implementations cannot be wrappers: the core calls them itself, in sequence.
-CHAINED_HOOKS = frozenset({"on_before_forward"})
 
 Source = Literal["builtin", "autoload", "entry point", "object", "module"]
 
@@ -86,7 +85,7 @@ class PluginRecord:
         if self.entry_point is not None:
             ep = self.entry_point
             return f"'{self.name}' (entry point {ep.value}, distribution {ep.dist_name} {ep.dist_version})"
-        return f"'{self.name}' ({_object_origin(self.plugin)})"
+        return f"'{self.name}' ({object_origin(self.plugin)})"
 
 
 class PluginManager(pluggy.PluginManager):
@@ -109,13 +108,13 @@ class PluginManager(pluggy.PluginManager):
         if opts is not None:
             hook_name = opts.get("specname") or name
             if hook_name not in hookspecs.HOOK_NAMES:
-                raise PluginValidationError(_unknown_hook_message(plugin, name, hook_name))
-            _check_arguments(plugin, name, hook_name)
+                raise PluginValidationError(unknown_hook_message(plugin, name, hook_name))
+            check_arguments(plugin, name, hook_name)
             if hook_name in CHAINED_HOOKS and (opts.get("wrapper") or opts.get("hookwrapper")):
                 raise PluginValidationError(
-                    f"Plugin {_label(plugin)} ({_object_origin(plugin)}): hook {hook_name!r} is chained "
+                    f"Plugin {label(plugin)} ({object_origin(plugin)}): hook {hook_name!r} is chained "
                     f"(each implementation receives the previous one's result) and cannot be a wrapper: "
-                    f"{_signature(plugin, name)}. Drop wrapper=True/hookwrapper=True."
+                    f"{signature(plugin, name)}. Drop wrapper=True/hookwrapper=True."
                 )
             return opts
         if not isinstance(plugin, Plugin) or name.startswith("_"):
@@ -128,19 +127,19 @@ class PluginManager(pluggy.PluginManager):
         if name in hookspecs.HOOK_NAMES:
             if is_method and name in getattr(plugin, "__dict__", {}):
                 raise PluginValidationError(
-                    f"Plugin {_label(plugin)} ({_object_origin(plugin)}) sets an instance attribute "
+                    f"Plugin {label(plugin)} ({object_origin(plugin)}) sets an instance attribute "
                     f"{name!r} that hides its hook method {name!r}: rename the attribute (e.g. '_{name}')."
                 )
             if not is_method:
                 raise PluginValidationError(
-                    f"Plugin {_label(plugin)} ({_object_origin(plugin)}) defines {name!r} as a "
+                    f"Plugin {label(plugin)} ({object_origin(plugin)}) defines {name!r} as a "
                     f"{type(static).__name__}, but {name!r} is a hook: implement it as a method, "
                     f"or rename the attribute (e.g. '_{name}')."
                 )
-            _check_arguments(plugin, name, name)
+            check_arguments(plugin, name, name)
             return cast(pluggy.HookimplOpts, {})
-        if is_method and _near_miss(name):
-            raise PluginValidationError(_unknown_hook_message(plugin, name, name))
+        if is_method and near_miss(name):
+            raise PluginValidationError(unknown_hook_message(plugin, name, name))
         return None
 
     def register(self, plugin: object, name: str | None = None) -> str | None:
@@ -156,7 +155,7 @@ class PluginManager(pluggy.PluginManager):
                 self.unregister(plugin)
             if isinstance(exc, PluginValidationError):
                 raise
-            origin = entry_point.describe() if entry_point else _object_origin(plugin)
+            origin = entry_point.describe() if entry_point else object_origin(plugin)
             raise PluginValidationError(
                 f"Invalid hook implementation in plugin {origin}:\n{exc}\n"
                 f"The hooks and their arguments are documented in torchplug.hookspecs."
@@ -261,7 +260,7 @@ def get_plugin_manager(
             # Almost always a mistake (plugins=[model], another framework's callback): it would
             # silently change nothing. A Plugin subclass may legitimately only claim a role.
             raise PluginValidationError(
-                f"plugins= got {_label(sel.plugin)} ({_object_origin(sel.plugin)}), which implements no "
+                f"plugins= got {label(sel.plugin)} ({object_origin(sel.plugin)}), which implements no "
                 "torchplug hook. Pass an instance of a torchplug.Plugin subclass, a module with "
                 "@torchplug.hookimpl functions, or an installed plugin's name (see `torchplug plugins`)."
             )
@@ -370,84 +369,6 @@ def _not_found_message(name: str, via: str) -> str:
         lines.append(f"Install it with: {hint}")
     lines.append("List them with: torchplug plugins")
     return " ".join(lines)
-
-
-def _near_miss(name: str) -> bool:
-    """A public method name that is almost a hook name (a typo), or an ``on_*`` event name
-    that torchplug does not have (Lightning habits such as ``on_train_batch_start``)."""
-    if name.startswith("on_"):
-        return True
-    limit = 1 if len(name) <= 8 else 2
-    return any(_distance(name, hook) <= limit for hook in hookspecs.HOOK_NAMES)
-
-
-def _distance(a: str, b: str) -> int:
-    """Optimal string alignment distance (edits, with adjacent transpositions)."""
-    if abs(len(a) - len(b)) > 2:
-        return 3
-    prev2: list[int] = []
-    prev = list(range(len(b) + 1))
-    for i, ca in enumerate(a, 1):
-        cur = [i] + [0] * len(b)
-        for j, cb in enumerate(b, 1):
-            cur[j] = min(prev[j] + 1, cur[j - 1] + 1, prev[j - 1] + (ca != cb))
-            if i > 1 and j > 1 and ca == b[j - 2] and a[i - 2] == cb:
-                cur[j] = min(cur[j], prev2[j - 2] + 1)
-        prev2, prev = prev, cur
-    return prev[-1]
-
-
-def _check_arguments(plugin: object, attr: str, hook_name: str) -> None:
-    """Reject an implementation that asks for an argument the hook does not pass (pluggy's
-    own check, with the hook's arguments in the message)."""
-    try:
-        params = inspect.signature(getattr(plugin, attr)).parameters.values()
-    except (TypeError, ValueError):
-        return
-    spec_args = inspect.signature(getattr(hookspecs, hook_name)).parameters
-    unknown = [p.name for p in params
-               if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD) and p.default is p.empty
-               and p.name not in spec_args]
-    if unknown:
-        raise PluginValidationError(
-            f"Plugin {_label(plugin)} ({_object_origin(plugin)}) implements hook {hook_name!r} with "
-            f"argument(s) {', '.join(repr(a) for a in unknown)} that the hook does not pass: "
-            f"{_signature(plugin, attr)}. The hook's arguments are {hook_name}({', '.join(spec_args)}); "
-            f"an implementation may take any subset of them, by name."
-        )
-
-
-def _unknown_hook_message(plugin: object, attr: str, hook_name: str) -> str:
-    close = difflib.get_close_matches(hook_name, hookspecs.HOOK_NAMES, n=1, cutoff=0.6)
-    advice = f" Did you mean {close[0]!r}?" if close else ""
-    if isinstance(plugin, Plugin) and not hasattr(getattr(plugin, attr, None), "torchplug_impl"):
-        advice += f" If {attr!r} is a helper, not a hook, rename it '_{attr}'."
-    return (
-        f"Plugin {_label(plugin)} ({_object_origin(plugin)}) implements unknown hook "
-        f"{hook_name!r}: {_signature(plugin, attr)}.{advice} The hooks are listed in torchplug.hookspecs."
-    )
-
-
-def _signature(plugin: object, attr: str) -> str:
-    try:
-        return f"{attr}{inspect.signature(getattr(plugin, attr))}"
-    except (TypeError, ValueError, AttributeError):
-        return attr
-
-
-def _label(plugin: object) -> str:
-    if isinstance(plugin, types.ModuleType):
-        return f"module {plugin.__name__!r}"
-    return f"{type(plugin).__qualname__!r}"
-
-
-def _object_origin(plugin: object) -> str:
-    module = plugin.__name__ if isinstance(plugin, types.ModuleType) else type(plugin).__module__
-    file = getattr(inspect.getmodule(plugin), "__file__", None) or ""
-    for ep in discovery.installed_plugins():
-        if ep.module.partition(".")[0] == module.partition(".")[0]:
-            return f"module {module}, distribution {ep.dist_name} {ep.dist_version}"
-    return f"module {module}" + (f" in {file}" if file else "")
 
 
 def _unique(name: str, used: set[str]) -> str:

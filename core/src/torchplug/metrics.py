@@ -6,6 +6,7 @@ import csv
 import math
 import os
 import sys
+from collections.abc import Mapping
 from pathlib import Path
 from typing import IO, Any
 
@@ -16,7 +17,7 @@ from torchplug.errors import MisconfigurationError
 CSV_FIELDS = ("step", "epoch", "metric", "value")
 
 
-def to_floats(values: dict[str, torch.Tensor | float]) -> dict[str, float]:
+def to_floats(values: Mapping[str, torch.Tensor | float]) -> dict[str, float]:
     """One host sync for all tensor values, not one per metric."""
     tensors = {k: v for k, v in values.items() if isinstance(v, torch.Tensor)}
     out = {k: float(v) for k, v in values.items() if not isinstance(v, torch.Tensor)}

@@ -5,9 +5,8 @@ from __future__ import annotations
 import functools
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from torch import nn
@@ -17,9 +16,8 @@ from torchplug.errors import MisconfigurationError, PluginError
 from torchplug.hookcalls import Hooks
 from torchplug.manager import PluginManager, get_plugin_manager
 from torchplug.plugin import Role
-
-if TYPE_CHECKING:
-    from torchplug.loop import FitRun
+from torchplug.prepare import check_module, resolve_loaders
+from torchplug.run import FitOutcome, FitRun, validate_only
 
 PRECISIONS = {32: "32", "32": "32", 16: "16", "16": "16", "16-mixed": "16", "bf16": "bf16", "bf16-mixed": "bf16"}
 AMP_BACKENDS = ("native", "apex")
@@ -27,20 +25,6 @@ AMP_LEVELS = ("O0", "O1", "O2", "O3")
 ACCELERATORS = {None: None, "auto": None, "cpu": "cpu", "gpu": "cuda", "cuda": "cuda"}
 NONFINITE = ("error", "skip", "ignore")
 SINGLE_PROCESS = ("single_device", "none")  # strategies that mean "no strategy plugin"
-
-
-@dataclass
-class FitOutcome:
-    """What one process's fit produced; the launcher returns rank 0's to the caller."""
-
-    global_step: int
-    current_epoch: int
-    callback_metrics: dict[str, float]
-    log_dir: str | None
-    checkpoint_path: str | None
-    #: the trained weights, set when the fit ran in another process than ``Trainer.fit``'s
-    state_dict: dict[str, torch.Tensor] | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 class Trainer:
@@ -182,10 +166,8 @@ class Trainer:
         self.hooks = Hooks(self.pm)
         self.hooks.check_configuration(trainer=self)
 
-        # Set by fit; Lightning's names.
-        self.global_step = 0
-        self.current_epoch = 0
-        self.callback_metrics: dict[str, float] = {}
+        # Set by fit; Lightning's names. global_step, current_epoch and callback_metrics are
+        # properties: views of the run in this process, or of the last fit's outcome.
         self.world_size = 1
         self.global_rank = 0
         self.log_dir: str | None = None
@@ -194,9 +176,34 @@ class Trainer:
         self.lr_schedulers: list[Any] = []
         self.model: nn.Module | None = None
         self.launched_copy = False  # True in a process the launch hook started
-        self._run: FitRun | None = None  # the fit in this process, for save_checkpoint
+        #: the fit that runs (or last ran) in this process: its state, and save_checkpoint
+        self._run: FitRun | None = None
+        #: what the last fit returned (from rank 0, when it ran in worker processes)
+        self._outcome: FitOutcome | None = None
+        self._metrics_without_fit: dict[str, float] = {}  # Trainer.validate before any fit
 
     # ---------------------------------------------------------------------------------------
+    @property
+    def global_step(self) -> int:
+        """Optimizer steps taken (windows, including steps a precision plugin skipped); live during fit."""
+        if self._run is not None:
+            return self._run.state.global_step
+        return self._outcome.global_step if self._outcome is not None else 0
+
+    @property
+    def current_epoch(self) -> int:
+        """Completed epochs; live during fit (after ``fit(max_epochs=2)`` it is 2, as in Lightning 2.x)."""
+        if self._run is not None:
+            return self._run.state.epoch
+        return self._outcome.current_epoch if self._outcome is not None else 0
+
+    @property
+    def callback_metrics(self) -> dict[str, float]:
+        """The last value of every metric logged (``self.log``), validation means included; live during fit."""
+        if self._run is not None:
+            return self._run.state.callback_metrics
+        return self._outcome.callback_metrics if self._outcome is not None else self._metrics_without_fit
+
     @property
     def is_global_zero(self) -> bool:
         return self.global_rank == 0
@@ -232,8 +239,6 @@ class Trainer:
     ) -> None:
         """Train ``model``; afterwards it holds the trained weights (also after multi-process
         runs), and ``global_step``, ``current_epoch`` and ``callback_metrics`` are set."""
-        from torchplug.loop import check_module, resolve_loaders
-
         check_module(model)
         if ckpt_path is not None and not isinstance(ckpt_path, (str, os.PathLike)):
             raise MisconfigurationError(f"ckpt_path must be a path, got {ckpt_path!r} ({type(ckpt_path).__name__})")
@@ -244,30 +249,31 @@ class Trainer:
             resume = ckpt.load(ckpt_path, weights_only=self.checkpoint_weights_only)
             ckpt.check_matches(resume, model, ckpt_path)
         function = functools.partial(self._fit_in_process, model, train_loader, val_loader, resume)
-        outcome: FitOutcome = self.hooks.launch(trainer=self, function=function)
+        try:
+            outcome: FitOutcome = self.hooks.launch(trainer=self, function=function)
+        finally:
+            self.hooks.close_trace()
         if outcome.state_dict is not None:
             model.load_state_dict(outcome.state_dict)
-        self.global_step = outcome.global_step
-        self.current_epoch = outcome.current_epoch
-        self.callback_metrics = dict(outcome.callback_metrics)
+        self._outcome = outcome
         self.log_dir = outcome.log_dir
         self.checkpoint_path = outcome.checkpoint_path
         self.model = model
 
     def _fit_in_process(self, model: nn.Module, train_loader: Any, val_loader: Any,
                         resume: dict[str, Any] | None) -> FitOutcome:
-        from torchplug.loop import FitRun
-
-        outcome = FitRun(self, model, train_loader, val_loader, resume).run()
-        if self.launched_copy and self.is_global_zero:
-            outcome.state_dict = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+        try:
+            outcome = FitRun(self, model, train_loader, val_loader, resume).run()
+            if self.launched_copy and self.is_global_zero:
+                outcome.state_dict = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+        finally:
+            if self.launched_copy:  # spawned workers skip interpreter teardown: write the trace now
+                self.hooks.close_trace()
         return outcome
 
     def validate(self, model: nn.Module, dataloaders: Any = None) -> dict[str, float]:
         """Run ``validation_step`` over ``dataloaders`` (or ``model.val_dataloader()``) in this
         process and return the averaged metrics."""
-        from torchplug.loop import FitRun, check_module, resolve_loaders
-
         check_module(model, need_validation=True)
         _, val_loader = resolve_loaders(model, None, dataloaders, need_train=False)
         if val_loader is None:
@@ -275,7 +281,7 @@ class Trainer:
                 f"No validation data: pass validate(model, dataloaders=...) or define {type(model).__name__}"
                 ".val_dataloader()."
             )
-        metrics = FitRun(self, model, None, val_loader, None).validate_only()
+        metrics = validate_only(self, model, val_loader)
         self.callback_metrics.update(metrics)
         return metrics
 
@@ -292,8 +298,7 @@ class Trainer:
                     f"{self.checkpoint_path}."
                 )
             raise MisconfigurationError("save_checkpoint needs a model that this Trainer has fitted; call fit first.")
-        if self.is_global_zero:
-            run.save_checkpoint(Path(path))
+        run.save_checkpoint(Path(path) if self.is_global_zero else None)
 
     # Pickling (for worker processes): plugins and hooks are rebuilt from the arguments.
     def __getstate__(self) -> dict[str, Any]:

@@ -1,4 +1,5 @@
-"""Models, data, a probe plugin and a hand-written apex loop for the apex plugin's tests.
+"""Models, data, a probe plugin, a CPU-only ApexPlugin and a hand-written apex loop for the apex
+plugin's tests.
 
 Importable at module level, so that spawned DDP workers (which unpickle the Trainer, the model
 and the probe) find everything here; they also need ``fake_apex/`` on ``PYTHONPATH``.
@@ -20,6 +21,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from torchplug import Plugin, Trainer, TrainingModule
+from torchplug_apex import ApexPlugin
 
 HERE = Path(__file__).resolve().parent
 #: The FAKE of NVIDIA apex 25.05 (see REAL_APEX_NOTES.md).
@@ -99,10 +101,28 @@ def batches(n: int = 6, batch_size: int = 8, seed: int = 0) -> list[tuple[torch.
     return out
 
 
+class CPUApexPlugin(ApexPlugin):
+    """:class:`ApexPlugin` without its CUDA requirement, **for contract tests against the CPU fake
+    of apex.amp only** (real apex amp fails on CPU tensors). Same ``plugin_name`` (``"apex"``),
+    role and options; subclass it (not ApexPlugin) for a test's own ``configure_apex``."""
+
+    _needs_cuda = False
+
+
 def apex_trainer(**kwargs: Any) -> Trainer:
-    """``Trainer(precision=16, amp_backend="apex", ...)``, quiet unless asked otherwise."""
+    """``Trainer(precision=16, amp_backend="apex", ...)``, quiet unless asked otherwise: the
+    ``apex`` entry point's :class:`ApexPlugin`, which needs CUDA, unless ``plugins`` holds one."""
     kwargs = {**QUIET, "precision": 16, "amp_backend": "apex", "autoload_plugins": False, **kwargs}
     return Trainer(**kwargs)
+
+
+def cpu_apex_trainer(**kwargs: Any) -> Trainer:
+    """:func:`apex_trainer` with a :class:`CPUApexPlugin` (its ``amp_level`` the Trainer's) in
+    ``plugins`` unless they hold an ApexPlugin already: runs on the CPU against the fake apex."""
+    plugins = list(kwargs.pop("plugins", []))
+    apex = [p for p in plugins if isinstance(p, ApexPlugin)]
+    assert all(isinstance(p, CPUApexPlugin) for p in apex), f"on the CPU use CPUApexPlugin, not {apex}"
+    return apex_trainer(plugins=plugins if apex else [CPUApexPlugin(), *plugins], **kwargs)
 
 
 def hand_apex_loop(amp: Any, model: Net, level: str, data: list[Any], accumulate: int = 1,

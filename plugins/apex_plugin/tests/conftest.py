@@ -9,8 +9,6 @@ import pytest
 import torch
 from apex_test_support import FAKE_APEX, drop_apex_modules
 
-from torchplug_apex import ALLOW_CPU_ENV
-
 # One thread per process: small models on 2 cores (spawned gloo workers inherit it).
 os.environ["OMP_NUM_THREADS"] = "1"
 torch.set_num_threads(1)
@@ -18,16 +16,16 @@ torch.set_num_threads(1)
 
 @pytest.fixture(autouse=True)
 def _clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
-    for name in ("TORCHPLUG_PLUGINS", "TORCHPLUG_BLOCK_PLUGINS", "TORCHPLUG_TRACE", ALLOW_CPU_ENV):
+    for name in ("TORCHPLUG_PLUGINS", "TORCHPLUG_BLOCK_PLUGINS", "TORCHPLUG_TRACE"):
         monkeypatch.delenv(name, raising=False)
 
 
 @pytest.fixture
 def fake_amp(monkeypatch: pytest.MonkeyPatch) -> Iterator[ModuleType]:
     """The FAKE apex 25.05 ``apex.amp`` (tests/fake_apex), freshly imported with fresh global
-    state, and the plugin's test-only CPU switch on (real apex amp needs CUDA; the fake does not)."""
+    state. Real apex amp needs CUDA and the fake does not: drive it with ``CPUApexPlugin``
+    (apex_test_support), e.g. through ``cpu_apex_trainer``."""
     monkeypatch.syspath_prepend(str(FAKE_APEX))
-    monkeypatch.setenv(ALLOW_CPU_ENV, "1")
     drop_apex_modules()
     yield importlib.import_module("apex.amp")
     drop_apex_modules()

@@ -8,6 +8,7 @@ The "wrong apex" packages are fakes (tests/fake_apex_variants): PyPI's 2013 Pyra
 from __future__ import annotations
 
 import importlib
+import inspect
 import os
 import subprocess
 import sys
@@ -16,11 +17,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from apex_test_support import FAKE_APEX, VARIANTS, apex_trainer, drop_apex_modules
+from apex_test_support import FAKE_APEX, VARIANTS, CPUApexPlugin, apex_trainer, drop_apex_modules
 
 import torchplug
 from torchplug import MisconfigurationError
-from torchplug_apex import ALLOW_CPU_ENV, ApexPlugin, ApexUnavailableError, load_amp
+from torchplug_apex import ApexPlugin, ApexUnavailableError, load_amp
 
 pytestmark = [
     pytest.mark.timeout(60),
@@ -69,6 +70,13 @@ CASES = {
         "has no apex.amp", "NVIDIA removed amp from apex after tag 25.05 (commit cb65b8e",
         "apex 25.07 and later cannot run amp"]),
 }
+#: What each case's first line names (the blocker) before its fix.
+FIRST_LINES = {
+    "not_installed": "NVIDIA apex is not installed (no module named 'apex'); fix: build NVIDIA apex 25.05",
+    "pyramid": "importing it raised ImportError: cannot import name 'UnencryptedCookieSessionFactoryConfig' from "
+               "'pyramid.session' (unknown location); fix: pip uninstall apex",
+    "apex_25_07": "has no apex.amp (apex 25.07 and later cannot run amp O0-O3); fix: build NVIDIA apex 25.05",
+}
 REASONS = {"not_installed": "not_installed", "pyramid": "import_failed", "apex_25_07": "amp_removed"}
 
 
@@ -77,16 +85,21 @@ def test_each_unusable_apex_fails_in_the_trainer_with_its_message(
         case: str, apex_path: object, monkeypatch: pytest.MonkeyPatch) -> None:
     folder, fragments = CASES[case]
     apex_path(folder)  # type: ignore[operator]
-    monkeypatch.setenv(ALLOW_CPU_ENV, "1")  # only the apex check speaks
-    with pytest.raises(ApexUnavailableError) as info:
-        torchplug.Trainer(precision=16, amp_backend="apex", amp_level="O1", autoload_plugins=False)
+    with pytest.raises(ApexUnavailableError) as info:  # CPUApexPlugin: only the apex check speaks
+        torchplug.Trainer(precision=16, amp_backend="apex", amp_level="O1", plugins=[CPUApexPlugin()],
+                          autoload_plugins=False)
     message = str(info.value)
     assert info.value.reason == REASONS[case]
     assert isinstance(info.value, MisconfigurationError)
     assert message.startswith("ApexPlugin (torchplug-apex): ")
     for fragment in (*fragments, *BUILD_STEPS):
         assert fragment in message, f"{fragment!r} missing from:\n{message}"
-    assert "Note also" not in message  # the CPU switch is on: no CUDA note
+    first_line, rest = message.split("\n", 1)
+    assert FIRST_LINES[case] in first_line, first_line  # the blocker and its fix come first
+    assert first_line == f"ApexPlugin (torchplug-apex): {info.value.blocker}."
+    assert "git clone" not in first_line  # the build steps come last
+    assert "git clone https://github.com/NVIDIA/apex" in rest
+    assert "apex amp needs CUDA" not in message  # the CUDA requirement is off: no CUDA blocker
 
 
 def test_apex_amp_without_the_api_is_not_nvidia_amp(apex_path: object, tmp_path: Path) -> None:
@@ -109,7 +122,9 @@ def test_without_cuda_the_trainer_refuses_apex_before_any_work(apex_path: object
     amp = importlib.import_module("apex.amp")
     with pytest.raises(MisconfigurationError) as info:
         torchplug.Trainer(precision=16, amp_backend="apex", autoload_plugins=False)
-    assert "apex amp needs CUDA, but torch.cuda.is_available() is False" in str(info.value)
+    first_line = str(info.value).split("\n")[0]
+    assert "apex amp needs CUDA, but torch.cuda.is_available() is False" in first_line
+    assert "fix: run on a CUDA machine with a CUDA build of torch" in first_line
     assert 'pip install "torchplug[native-amp]"' in str(info.value)
     assert amp._fake_calls == []  # nothing ran
 
@@ -125,30 +140,54 @@ def test_cuda_missing_or_refused_is_reported_on_any_machine(
         torchplug.Trainer(precision=16, amp_backend="apex", accelerator="cpu", autoload_plugins=False)
 
 
-def test_no_apex_and_no_cuda_says_both(apex_path: object, monkeypatch: pytest.MonkeyPatch) -> None:
-    apex_path(None)  # type: ignore[operator]
+@pytest.mark.parametrize("case", list(CASES))
+def test_no_apex_and_no_cuda_says_both_cuda_first_on_the_first_line(
+        case: str, apex_path: object, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The real blocker of a machine without CUDA (no CUDA) comes first, then the apex one, each
+    with its fix, on the error's first line; apex's build instructions come after it."""
+    folder, fragments = CASES[case]
+    apex_path(folder)  # type: ignore[operator]
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     with pytest.raises(ApexUnavailableError) as info:
         apex_trainer()
-    assert "NVIDIA apex is not installed" in str(info.value)
-    assert "Note also: apex amp needs CUDA" in str(info.value)
+    message = str(info.value)
+    assert info.value.reason == REASONS[case]
+    first_line, rest = message.split("\n", 1)
+    assert first_line.startswith("ApexPlugin (torchplug-apex): apex amp cannot run here, for two reasons: "
+                                 "(1) apex amp needs CUDA, but torch.cuda.is_available() is False"), first_line
+    assert "fix: run on a CUDA machine with a CUDA build of torch; (2) " in first_line
+    cuda, apex = first_line.index("needs CUDA"), first_line.index(FIRST_LINES[case])
+    assert cuda < apex, first_line  # CUDA first, then apex, each with its fix
+    assert 'pip install "torchplug[native-amp]"' in first_line  # the way round both
+    for fragment in (*fragments, *BUILD_STEPS):
+        assert fragment in message, f"{fragment!r} missing from:\n{message}"
+    assert "git clone" not in first_line
+    assert "git clone https://github.com/NVIDIA/apex" in rest
 
 
-@pytest.mark.parametrize(("env", "argument", "allowed"), [
-    (None, False, False), ("0", False, False), ("yes", False, False), ("1", False, True), (None, True, True),
-])
-def test_the_cpu_switch_is_explicit_and_test_only(
-        apex_path: object, monkeypatch: pytest.MonkeyPatch, env: str | None, argument: bool, allowed: bool) -> None:
-    """Only ``TORCHPLUG_APEX_ALLOW_CPU=1`` or ``_allow_cpu_for_contract_tests=True`` lets the plugin
-    run without CUDA (for contract tests against a CPU fake of apex)."""
+def test_apex_missing_and_cpu_asked_for_names_the_accelerator_first(
+        apex_path: object, monkeypatch: pytest.MonkeyPatch) -> None:
+    apex_path(None)  # type: ignore[operator]
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    with pytest.raises(ApexUnavailableError) as info:
+        apex_trainer(accelerator="cpu")
+    first_line = str(info.value).split("\n")[0]
+    assert "(1) apex amp needs CUDA, but accelerator='cpu' was asked for; fix: pass accelerator='cuda'; " \
+           "(2) NVIDIA apex is not installed" in first_line, first_line
+
+
+@pytest.mark.parametrize(("plugin_class", "allowed"), [(ApexPlugin, False), (CPUApexPlugin, True)])
+def test_only_the_test_subclass_runs_without_cuda(
+        apex_path: object, monkeypatch: pytest.MonkeyPatch, plugin_class: type[ApexPlugin], allowed: bool) -> None:
+    """The shipped plugin always needs CUDA (it has no switch: no argument, no environment
+    variable); only the tests' CPUApexPlugin subclass runs without it (against a CPU fake of apex)."""
     apex_path(FAKE_APEX)  # type: ignore[operator]
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    if env is not None:
-        monkeypatch.setenv(ALLOW_CPU_ENV, env)
-    plugin = ApexPlugin(_allow_cpu_for_contract_tests=argument)
-    assert plugin.allow_cpu is allowed
+    assert list(inspect.signature(ApexPlugin).parameters) == ["amp_level"]
+    plugin = plugin_class()
+    assert plugin.plugin_name == "apex"
     if allowed:
-        apex_trainer(plugins=[plugin])
+        assert apex_trainer(plugins=[plugin]).plugin_names == ["apex"]
     else:
         with pytest.raises(MisconfigurationError, match="needs CUDA"):
             apex_trainer(plugins=[plugin])

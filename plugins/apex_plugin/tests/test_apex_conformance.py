@@ -1,5 +1,6 @@
 """torchplug's conformance suite for precision plugins (torchplug.testing.conformance), run on
-ApexPlugin against the FAKE of apex 25.05's ``apex.amp`` (tests/fake_apex), on the CPU.
+ApexPlugin against the FAKE of apex 25.05's ``apex.amp`` (tests/fake_apex), on the CPU, through
+``CPUApexPlugin`` (apex_test_support: ApexPlugin without its CUDA requirement).
 
 The autocast contract is skipped: the CPU fake does not compute in fp16 (it only marks tensors
 apex would cast, see REAL_APEX_NOTES.md); test_apex_real_gpu.py checks real fp16 on CUDA.
@@ -12,10 +13,10 @@ from types import ModuleType
 
 import pytest
 import torch
+from apex_test_support import CPUApexPlugin
 
 from torchplug.testing.conformance import PrecisionPluginContract
 from torchplug.testing.models import TinyMLP
-from torchplug_apex import ApexPlugin
 
 pytestmark = [
     pytest.mark.timeout(120),
@@ -31,11 +32,11 @@ class TestApexPluginConformance(PrecisionPluginContract):
 
     @pytest.fixture(autouse=True)
     def _fake_apex(self, fake_amp: ModuleType) -> ModuleType:
-        return fake_amp  # the fake on sys.path and the plugin's test-only CPU switch on
+        return fake_amp  # the fake on sys.path
 
     @pytest.fixture
     def plugin_factory(self, amp_level: str) -> Callable[[], object]:
-        return lambda: ApexPlugin(amp_level)
+        return lambda: CPUApexPlugin(amp_level)
 
     @pytest.fixture
     def expected_dtype(self) -> torch.dtype | None:

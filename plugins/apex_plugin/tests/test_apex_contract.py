@@ -5,8 +5,8 @@ REAL_APEX_NOTES.md).
 They prove that the plugin calls apex the way apex 25.05 documents (initialize once, before DDP;
 backward inside ``scale_loss``; clip ``master_params``; skip on overflow; state_dict after
 initialize), not that real apex behaves like the fake: that is what test_apex_real_gpu.py checks
-on a CUDA machine with real apex. They run on the CPU through the plugin's test-only switch
-``TORCHPLUG_APEX_ALLOW_CPU=1`` (set by the ``fake_amp`` fixture).
+on a CUDA machine with real apex. They run on the CPU through ``CPUApexPlugin`` (apex_test_support),
+an ApexPlugin subclass without the CUDA requirement.
 """
 
 from __future__ import annotations
@@ -26,10 +26,11 @@ import torch.nn.functional as F
 from apex_test_support import (
     FAKE_APEX,
     HERE,
+    CPUApexPlugin,
     Net,
     Probe,
-    apex_trainer,
     batches,
+    cpu_apex_trainer,
     grad,
     hand_apex_loop,
     loader,
@@ -39,9 +40,8 @@ from apex_test_support import (
 
 import torchplug
 from torchplug import CheckpointError, MisconfigurationError, PluginHookError
-from torchplug.loop import FitRun
 from torchplug.testing.recorder import HookRecorder
-from torchplug.testing.syncs import reads_per_step
+from torchplug.testing.syncs import accelerator_path, reads_per_step
 from torchplug_apex import CHECKPOINT_KEY, ApexPlugin
 
 pytestmark = [
@@ -61,7 +61,7 @@ def calls(amp: ModuleType, name: str | None = None) -> list[Any]:
 
 
 def fit(model: Net, data: list[Any] | None = None, **kwargs: Any) -> torchplug.Trainer:
-    trainer = apex_trainer(**kwargs)
+    trainer = cpu_apex_trainer(**kwargs)
     trainer.fit(model, train_dataloaders=data if data is not None else batches())
     return trainer
 
@@ -104,7 +104,7 @@ def test_contract_two_gloo_ranks_initialize_once_and_accumulate_in_sync(
 
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(FAKE_APEX), str(HERE), os.environ.get("PYTHONPATH", "")]))
     recorder = HookRecorder(tmp_path / "hooks")
-    trainer = apex_trainer(max_steps=2, accelerator="cpu", devices=2, accumulate_grad_batches=2,
+    trainer = cpu_apex_trainer(max_steps=2, accelerator="cpu", devices=2, accumulate_grad_batches=2,
                            plugins=[recorder, Probe(str(tmp_path / "probe"))])
     trainer.fit(Net(), train_dataloaders=loader(32, batch_size=4))
     assert trainer.global_step == 2
@@ -131,25 +131,25 @@ def test_contract_two_gloo_ranks_initialize_once_and_accumulate_in_sync(
 @pytest.mark.parametrize("level", ["O1", "O2"])
 def test_contract_delayed_unscale_window_gives_the_plain_gradients(fake_amp: ModuleType, level: str) -> None:
     """OUR protocol vs a fake of apex 25.05, world size 2 as the DDP plugin reports it: a window
-    whose first micro-batch the core blocks (block_backward_sync) runs it with
-    delay_unscale=True, and the window's gradients, the fp32 BatchNorm params included, equal
-    the unscaled sum of the micro-batches' gradients. In the first window of a fit this needs
-    apex's lazy master-weight set-up to run before the delayed backward (else apex sets the fp32
-    params' accumulated gradients to None when it runs in the last one)."""
+    whose first micro-batch does not synchronise (sync_gradients=False: the core runs it inside
+    block_backward_sync) runs it with delay_unscale=True, and the window's gradients, the fp32
+    BatchNorm params included, equal the unscaled sum of the micro-batches' gradients. In the
+    first window of a fit this needs apex's lazy master-weight set-up to run before the delayed
+    backward (else apex sets the fp32 params' accumulated gradients to None when it runs in the
+    last one)."""
     data = batches(2)
     reference = Net(batchnorm=True)
     loss = torch.stack([F.cross_entropy(reference(x), y) / 2 for x, y in data]).sum()
     ref_grads = torch.autograd.grad(loss, list(reference.parameters()))
 
-    trainer = apex_trainer(amp_level=level)
+    trainer = cpu_apex_trainer(amp_level=level)
     trainer.world_size = 2  # what the core sets from the DDP plugin's world_size hook
     plugin = trainer.plugin_for("precision")
     assert isinstance(plugin, ApexPlugin)
     net = Net(batchnorm=True)
     model, [opt] = plugin.connect_precision(trainer, net, [net.configure_optimizers()])
-    trainer.hooks.block_backward_sync(model=model)  # the core: "not the window's last micro-batch"
-    for x, y in data:
-        plugin.backward(F.cross_entropy(model(x), y) / 2, [opt])
+    for i, (x, y) in enumerate(data):  # the core: sync_gradients only for the window's last micro-batch
+        plugin.backward(F.cross_entropy(model(x), y) / 2, [opt], sync_gradients=i == len(data) - 1)
     assert [kw["delay_unscale"] for kw in calls(fake_amp, "scale_loss")] == [True, False]
     masters = list(fake_amp.master_params(opt))
     assert len(masters) == len(ref_grads) == 6
@@ -182,7 +182,7 @@ def test_contract_a_model_already_wrapped_for_data_parallel_is_refused(
                 return torch.nn.DataParallel(module)
             return torch.nn.parallel.DistributedDataParallel(module)
 
-        trainer = apex_trainer()
+        trainer = cpu_apex_trainer()
         plugin = trainer.plugin_for("precision")
         assert isinstance(plugin, ApexPlugin)
         model = Net()
@@ -190,7 +190,7 @@ def test_contract_a_model_already_wrapped_for_data_parallel_is_refused(
             plugin.connect_precision(trainer, wrap(model), [model.configure_optimizers()])
         assert calls(fake_amp, "initialize") == []  # refused before apex was asked
 
-        class WrapsFirst(ApexPlugin):
+        class WrapsFirst(CPUApexPlugin):
             def configure_apex(self, amp: Any, model: Any, optimizers: Any, amp_level: str) -> Any:
                 return amp.initialize(wrap(model), optimizers, opt_level=amp_level)
 
@@ -231,12 +231,12 @@ def test_contract_amp_level_is_passed_through_to_initialize(fake_amp: ModuleType
 def test_contract_plugin_object_level_and_defaults(fake_amp: ModuleType) -> None:
     """OUR protocol vs a fake of apex 25.05: an ApexPlugin object picks the level; None follows
     the Trainer's amp_level, else O2; two different levels are refused."""
-    fit(Net(), max_steps=1, plugins=[ApexPlugin("O3")])
-    fit(Net(), max_steps=1, plugins=[ApexPlugin()], amp_level="O1")
-    fit(Net(), max_steps=1, plugins=[ApexPlugin()])
+    fit(Net(), max_steps=1, plugins=[CPUApexPlugin("O3")])
+    fit(Net(), max_steps=1, plugins=[CPUApexPlugin()], amp_level="O1")
+    fit(Net(), max_steps=1, plugins=[CPUApexPlugin()])
     assert [kw["opt_level"] for kw in calls(fake_amp, "initialize")] == ["O3", "O1", "O2"]
     with pytest.raises(MisconfigurationError, match=r"ApexPlugin\(amp_level='O3'\) and Trainer\(amp_level='O1'\)"):
-        apex_trainer(plugins=[ApexPlugin("O3")], amp_level="O1")
+        cpu_apex_trainer(plugins=[CPUApexPlugin("O3")], amp_level="O1")
     with pytest.raises(MisconfigurationError, match="the letter O"):
         ApexPlugin("00")
     with pytest.raises(MisconfigurationError, match="no bf16 mode"):
@@ -269,23 +269,21 @@ def test_contract_backward_runs_inside_scale_loss_like_the_documented_loop(
 
 
 @pytest.mark.parametrize("level", ["O1", "O2"])
-def test_contract_host_reads_match_a_hand_written_apex_loop(
-        fake_amp: ModuleType, level: str, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_contract_host_reads_match_a_hand_written_apex_loop(fake_amp: ModuleType, level: str) -> None:
     """On a GPU each host read (.item(), float(t), ...) stalls the host on the device. With the
     accelerator path forced (the loss check queued), the Trainer reads per step exactly what
     apex's documented loop reads: the fake mirrors apex without amp_C, whose overflow check
     reads each gradient (with amp_C it is one read)."""
-    monkeypatch.setattr(FitRun, "_defer_loss_checks", lambda self: True)
-
-    hand, _ = reads_per_step(lambda steps: hand_apex_loop(fake_amp, Net(), level, batches(steps)))
-    ours, reads = reads_per_step(
-        lambda steps: fit(Net(), batches(steps), max_epochs=1, amp_level=level, log_every_n_steps=1000))
+    with accelerator_path():
+        hand, _ = reads_per_step(lambda steps: hand_apex_loop(fake_amp, Net(), level, batches(steps)))
+        ours, reads = reads_per_step(
+            lambda steps: fit(Net(), batches(steps), max_epochs=1, amp_level=level, log_every_n_steps=1000))
     assert hand == len(list(Net().parameters()))
     assert ours == hand, reads.report()
 
 
 def _configured(level: str, model: Net) -> tuple[ApexPlugin, torch.nn.Module, Any]:
-    trainer = apex_trainer(amp_level=level)
+    trainer = cpu_apex_trainer(amp_level=level)
     plugin = trainer.plugin_for("precision")
     assert isinstance(plugin, ApexPlugin)
     out_model, [opt] = plugin.connect_precision(trainer, model, [model.configure_optimizers()])
@@ -304,7 +302,7 @@ def test_contract_clipping_uses_master_params_and_eps_1e5(fake_amp: ModuleType, 
     ref_grads = torch.autograd.grad(F.cross_entropy(reference(x), y), list(reference.parameters()))
 
     plugin, model, opt = _configured("O2", Net(batchnorm=True))
-    assert plugin.backward(F.cross_entropy(model(x), y), [opt]) is True
+    assert plugin.backward(F.cross_entropy(model(x), y), [opt], sync_gradients=True) is True
     masters = list(fake_amp.master_params(opt))
     assert [p.grad for p in masters] != [None] * len(masters)
     for master, ref in zip(masters, ref_grads):  # unscaled exactly (the scale is a power of 2)
@@ -336,7 +334,7 @@ def test_contract_clip_epsilon_is_1e5_not_torchs_1e6(fake_amp: ModuleType) -> No
     coefficient; ours is 1e-5 (Lightning's apex plugin), torch's clip_grad_norm_ uses 1e-6."""
     plugin, model, opt = _configured("O2", Net())
     x, y = batches(1)[0]
-    plugin.backward(F.cross_entropy(model(x), y) * 1e-9, [opt])
+    plugin.backward(F.cross_entropy(model(x), y) * 1e-9, [opt], sync_gradients=True)
     masters = list(fake_amp.master_params(opt))
     total = math.sqrt(sum(float((p.grad.double() ** 2).sum()) for p in masters))
     assert 1e-9 < total < 1e-7
@@ -413,7 +411,7 @@ def test_contract_zero_grad_set_to_none_works_at_O2(fake_amp: ModuleType) -> Non
 
     plugin, model, opt = _configured("O2", Net())
     x, y = batches(1)[0]
-    plugin.backward(F.cross_entropy(model(x), y), [opt])
+    plugin.backward(F.cross_entropy(model(x), y), [opt], sync_gradients=True)
     opt.zero_grad(set_to_none=True)
     opt.zero_grad(set_to_none=False)
     opt.zero_grad()
@@ -431,7 +429,7 @@ def test_contract_checkpoint_round_trip_and_resume_initialise_then_load(fake_amp
     fit(straight, data, max_steps=4)
     straight_state = dict(fake_amp.state_dict())
 
-    first = apex_trainer(max_steps=2, enable_checkpointing=True, default_root_dir=tmp_path)
+    first = cpu_apex_trainer(max_steps=2, enable_checkpointing=True, default_root_dir=tmp_path)
     first.fit(Net(inject_at=(1,)), train_dataloaders=data)
     assert first.checkpoint_path is not None
     saved = torch.load(first.checkpoint_path, weights_only=True)
@@ -441,7 +439,7 @@ def test_contract_checkpoint_round_trip_and_resume_initialise_then_load(fake_amp
     fake_amp._fake_calls.clear()
     probe = Probe()
     resumed_model = Net(inject_at=(1,))
-    second = apex_trainer(max_steps=4, plugins=[probe])
+    second = cpu_apex_trainer(max_steps=4, plugins=[probe])
     second.fit(resumed_model, train_dataloaders=data, ckpt_path=first.checkpoint_path)
     order = [n for n in calls(fake_amp) if n in ("initialize", "load_state_dict", "scale_loss")]
     assert order[:3] == ["initialize", "load_state_dict", "scale_loss"]
@@ -461,13 +459,13 @@ def test_contract_checkpoint_without_or_with_bad_apex_state(fake_amp: ModuleType
     plain.fit(Net(), train_dataloaders=batches())
     assert plain.checkpoint_path is not None
     with pytest.warns(UserWarning, match="no apex amp state"):
-        apex_trainer(max_steps=2).fit(Net(), train_dataloaders=batches(), ckpt_path=plain.checkpoint_path)
+        cpu_apex_trainer(max_steps=2).fit(Net(), train_dataloaders=batches(), ckpt_path=plain.checkpoint_path)
 
     bad = torch.load(plain.checkpoint_path, weights_only=True)
     bad[CHECKPOINT_KEY] = {"not_a_scaler": {"loss_scale": 1.0}}
     torch.save(bad, tmp_path / "bad.ckpt")
     with pytest.raises(PluginHookError) as info:
-        apex_trainer(max_steps=2).fit(Net(), train_dataloaders=batches(), ckpt_path=tmp_path / "bad.ckpt")
+        cpu_apex_trainer(max_steps=2).fit(Net(), train_dataloaders=batches(), ckpt_path=tmp_path / "bad.ckpt")
     assert isinstance(info.value.__cause__, CheckpointError)
     assert "'apex_amp' entry is not an amp.state_dict()" in str(info.value.__cause__)
 
@@ -476,7 +474,7 @@ def test_contract_user_subclass_configure_apex_is_used(fake_amp: ModuleType) -> 
     """OUR protocol vs a fake of apex 25.05: a subclass overriding configure_apex (Lightning 1.1
     docs) decides how amp.initialize is called; the plugin uses what it returns."""
 
-    class MyApex(ApexPlugin):
+    class MyApex(CPUApexPlugin):
         def configure_apex(self, amp: Any, model: Any, optimizers: Any, amp_level: str) -> Any:
             model, optimizers = amp.initialize(model, optimizers, opt_level=amp_level, loss_scale=128.0,
                                                keep_batchnorm_fp32=False, verbosity=0)
@@ -496,7 +494,7 @@ def test_contract_schedulers_follow_optimizers_that_configure_apex_replaces(fake
     "optimizer.step() has been overridden" warning (filterwarnings=error would fail this test)."""
     replaced: list[torch.optim.Optimizer] = []
 
-    class NewOptimizers(ApexPlugin):
+    class NewOptimizers(CPUApexPlugin):
         def configure_apex(self, amp: Any, model: Any, optimizers: Any, amp_level: str) -> Any:
             fresh = [torch.optim.SGD(model.parameters(), lr=opt.param_groups[0]["lr"]) for opt in optimizers]
             replaced.extend(fresh)
@@ -517,7 +515,7 @@ def test_contract_configure_apex_must_return_model_and_optimizers(fake_amp: Modu
     """OUR protocol vs a fake of apex 25.05: a configure_apex that returns something else than
     (model, optimizers) is refused, naming the hook."""
 
-    class Bad(ApexPlugin):
+    class Bad(CPUApexPlugin):
         def configure_apex(self, amp: Any, model: Any, optimizers: Any, amp_level: str) -> Any:
             amp.initialize(model, optimizers, opt_level=amp_level)
             return model
@@ -530,7 +528,7 @@ def test_contract_second_fit_of_an_O2_model_names_the_cause(fake_amp: ModuleType
     """OUR protocol vs a fake of apex 25.05: apex casts an O2 model in place, so fitting the same
     model again makes amp.initialize refuse it; the error says why and what to do."""
     model = Net()
-    trainer = apex_trainer(max_steps=1)
+    trainer = cpu_apex_trainer(max_steps=1)
     trainer.fit(model, train_dataloaders=batches())
     with pytest.raises(PluginHookError) as info:
         trainer.fit(model, train_dataloaders=batches())
@@ -572,9 +570,10 @@ def test_apex_deprecation_is_silenced_and_ours_warned_once(fake_amp: ModuleType,
 
 
 def test_pickled_plugin_keeps_its_options_not_the_apex_module(fake_amp: ModuleType) -> None:
-    trainer = apex_trainer(plugins=[ApexPlugin("O1", _allow_cpu_for_contract_tests=True)])
+    trainer = cpu_apex_trainer(plugins=[CPUApexPlugin("O1")])
     plugin = trainer.plugin_for("precision")
     assert isinstance(plugin, ApexPlugin)
     assert plugin.amp is fake_amp
     copy_ = pickle.loads(pickle.dumps(plugin))
-    assert (copy_.amp_level, copy_.allow_cpu, copy_.amp, copy_.initialized) == ("O1", True, None, False)
+    assert (type(copy_), copy_.amp_level, copy_.amp, copy_.initialized) == (CPUApexPlugin, "O1", None, False)
+    assert copy_._needs_cuda is False

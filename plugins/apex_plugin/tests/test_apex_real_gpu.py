@@ -193,7 +193,7 @@ def test_real_apex_clipping_over_fp32_masters() -> None:
     demo = DemoLike().cuda()
     model, [opt] = plugin.connect_precision(trainer, demo, [demo.configure_optimizers()])
     x, y = demo_batches(1)[0]
-    plugin.backward(F.cross_entropy(model(x).float(), y), [opt])
+    plugin.backward(F.cross_entropy(model(x).float(), y), [opt], sync_gradients=True)
     masters = list(plugin.amp.master_params(opt))  # type: ignore[union-attr]
     before = [p.grad.double().clone() for p in masters]
     total = math.sqrt(sum(float((g**2).sum()) for g in before))

@@ -556,20 +556,19 @@ def test_a_fused_optimizer_that_skips_inside_its_kernel_is_still_counted(make_in
 
 @pytest.mark.parametrize("precision", [16, "bf16"])
 def test_the_plugin_reads_the_device_no_more_often_than_a_hand_written_amp_loop(
-        precision: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+        precision: Any) -> None:
     """On a GPU every host read per step stalls the host on the device. With clipping, the
     Trainer (its loss check deferred, as on an accelerator) reads as often as a hand-written
     autocast loop: once per step for fp16 (GradScaler.step's found_inf), never for bf16."""
-    from torchplug.loop import FitRun
-    from torchplug.testing.syncs import reads_per_step
+    from torchplug.testing.syncs import accelerator_path, reads_per_step
 
-    monkeypatch.setattr(FitRun, "_defer_loss_checks", lambda self: True)
     dtype = torch.float16 if precision == 16 else torch.bfloat16
 
     def trainer_run(steps: int) -> None:
-        trainer = Trainer(plugins=[NativeAMPPlugin(precision)], max_steps=steps, gradient_clip_val=1.0,
-                          log_every_n_steps=1000, **QUIET)
-        trainer.fit(MLP(), loader(n=256))
+        with accelerator_path():
+            trainer = Trainer(plugins=[NativeAMPPlugin(precision)], max_steps=steps, gradient_clip_val=1.0,
+                              log_every_n_steps=1000, **QUIET)
+            trainer.fit(MLP(), loader(n=256))
 
     def hand_run(steps: int) -> None:
         model = MLP()

@@ -2,8 +2,9 @@
 
 It implements every hook of :mod:`torchplug.hookspecs` without changing anything: firstresult
 and all-called hooks as pluggy wrappers (``wrapper=True``: they see every call whatever the
-call order and never supply a result), the chained ``on_before_forward`` as a ``tryfirst``
-implementation returning ``None``. Pass it like any plugin, so the Trainer's call sites include
+call order and never supply a result), chained hooks (``on_before_forward``, see
+:data:`torchplug.hookspecs.CHAINED_HOOKS`: they cannot be wrappers) as ``tryfirst``
+implementations returning ``None``. Pass it like any plugin, so the Trainer's call sites include
 it::
 
     recorder = HookRecorder()
@@ -27,11 +28,8 @@ from pathlib import Path
 from typing import Any
 
 from torchplug import hookspecs
-from torchplug.hookspecs import hookimpl
+from torchplug.hookspecs import CHAINED_HOOKS, hookimpl
 from torchplug.plugin import Plugin
-
-#: Hooks whose implementations cannot be wrappers (see torchplug.manager.CHAINED_HOOKS).
-_CHAINED = frozenset({"on_before_forward"})
 
 
 @dataclass
@@ -179,7 +177,7 @@ def _make_impl(name: str, argnames: tuple[str, ...]) -> Callable[..., Any]:
     only those a signature asks for), recording them all."""
     params = "".join(f", {a}" for a in argnames)
     captured = "{" + ", ".join(f"{a!r}: {a}" for a in argnames) + "}"
-    if name in _CHAINED:
+    if name in CHAINED_HOOKS:
         source = f"def {name}(self{params}):\n    self._record({name!r}, {captured})\n"
     else:
         source = f"def {name}(self{params}):\n    return (yield from self._wrap({name!r}, {captured}))\n"
@@ -188,7 +186,7 @@ def _make_impl(name: str, argnames: tuple[str, ...]) -> Callable[..., Any]:
     function: Callable[..., Any] = namespace[name]
     function.__qualname__ = f"HookRecorder.{name}"
     function.__doc__ = f"Records calls of ``{name}``."
-    if name in _CHAINED:
+    if name in CHAINED_HOOKS:
         return hookimpl(tryfirst=True)(function)
     return hookimpl(wrapper=True)(function)
 

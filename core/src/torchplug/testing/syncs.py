@@ -14,6 +14,14 @@ the device, so a test on the CPU shows whether a loop or a hook would sync an ac
 It sees calls made from Python, torch's own Python included (``GradScaler.step`` reads its
 ``found_inf`` flag with ``.item()``); reads inside C++ operators are not seen. On CUDA,
 ``torch.cuda.set_sync_debug_mode("warn")`` reports those as well.
+
+On the CPU a Trainer checks each loss for NaN at once (a read that costs nothing there); on an
+accelerator it queues the check on the device and reads it at the logging interval.
+:func:`accelerator_path` takes the accelerator's path on the CPU, so host reads are counted as a
+GPU run would make them::
+
+    with accelerator_path():
+        per_step, reads = reads_per_step(fit_for)
 """
 
 from __future__ import annotations
@@ -25,6 +33,10 @@ from typing import Any
 
 import torch
 from torch.overrides import TorchFunctionMode
+
+from torchplug.losscheck import accelerator_path
+
+__all__ = ["READS", "HostReads", "accelerator_path", "reads_per_step"]
 
 #: Tensor methods and torch functions whose result is a host value computed from tensor data.
 READS: frozenset[Any] = frozenset({

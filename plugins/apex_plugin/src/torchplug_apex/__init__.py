@@ -13,7 +13,6 @@ from __future__ import annotations
 
 from torchplug_apex._detect import HOW_TO_GET_APEX, ApexUnavailableError, load_amp
 from torchplug_apex.plugin import (
-    ALLOW_CPU_ENV,
     CHECKPOINT_KEY,
     CLIP_EPS,
     ApexAmpDeprecationWarning,
@@ -23,7 +22,6 @@ from torchplug_apex.plugin import (
 __version__ = "0.1.0"
 
 __all__ = [
-    "ALLOW_CPU_ENV",
     "CHECKPOINT_KEY",
     "CLIP_EPS",
     "HOW_TO_GET_APEX",

@@ -44,15 +44,24 @@ PyPI, and `pip install apex` installs an unrelated 2013 Pyramid package):
 --config-settings "--build-option=--cpp_ext" --config-settings "--build-option=--cuda_ext" ./
 Or use PyTorch's native AMP, which apex itself recommends: pip install "torchplug[native-amp]" and \
 Trainer(precision=16) (amp_backend="native", the default)."""
+#: The fix for every case, in the error's first line; HOW_TO_GET_APEX (after it) has the steps.
+BUILD_FIX = "build NVIDIA apex 25.05 from source (steps below)"
+REBUILD_FIX = "rebuild NVIDIA apex 25.05 from source (steps below)"
 
 
 class ApexUnavailableError(MisconfigurationError, ImportError):
     """NVIDIA apex amp cannot be used here; ``reason`` says which case of the matrix applies:
-    ``"not_installed"``, ``"import_failed"``, ``"amp_removed"`` or ``"not_apex_amp"``."""
+    ``"not_installed"``, ``"import_failed"``, ``"amp_removed"`` or ``"not_apex_amp"``.
 
-    def __init__(self, message: str, reason: str) -> None:
-        super().__init__(message)
+    The message's first line is ``ApexPlugin (torchplug-apex): <blocker>.``; ``blocker`` is that
+    clause (what is wrong, then ``fix: ...``), ``details`` the lines after it (more about the
+    case, then the build instructions, last)."""
+
+    def __init__(self, blocker: str, reason: str, details: str = "") -> None:
+        self.blocker = blocker
+        self.details = (details + "\n" if details else "") + HOW_TO_GET_APEX
         self.reason = reason
+        super().__init__(f"ApexPlugin ({DISTRIBUTION}): {blocker}.\n{self.details}")
 
 
 def load_amp() -> ModuleType:
@@ -62,31 +71,33 @@ def load_amp() -> ModuleType:
     if isinstance(apex, BaseException):
         if isinstance(apex, ModuleNotFoundError) and apex.name == "apex":
             raise ApexUnavailableError(
-                f"ApexPlugin ({DISTRIBUTION}): NVIDIA apex is not installed (no module named 'apex').\n"
-                + HOW_TO_GET_APEX,
+                f"NVIDIA apex is not installed (no module named 'apex'); fix: {BUILD_FIX}",
                 "not_installed",
             ) from apex
-        raise ApexUnavailableError(_import_failed_message(apex), "import_failed") from apex
+        blocker, details = _import_failed(apex)
+        raise ApexUnavailableError(blocker, "import_failed", details) from apex
     amp = _import("apex.amp")
     location = _location(apex)
     if isinstance(amp, BaseException):
         if isinstance(amp, ModuleNotFoundError) and amp.name == "apex.amp":
             raise ApexUnavailableError(
-                f"ApexPlugin ({DISTRIBUTION}): the apex at {location}{_version_text()} has no apex.amp. "
-                "NVIDIA removed amp from apex after tag 25.05 (commit cb65b8e, 'remove old features: amp, "
-                "ddp, and rnn'); apex 25.07 and later cannot run amp O0-O3.\n" + HOW_TO_GET_APEX,
+                f"the apex at {location}{_version_text()} has no apex.amp (apex 25.07 and later cannot run amp "
+                f"O0-O3); fix: {BUILD_FIX}",
                 "amp_removed",
+                "NVIDIA removed amp from apex after tag 25.05 (commit cb65b8e, 'remove old features: amp, "
+                "ddp, and rnn').",
             ) from amp
+        text, rest = _exception_text(amp)
         raise ApexUnavailableError(
-            f"ApexPlugin ({DISTRIBUTION}): importing apex.amp from {location} raised "
-            f"{type(amp).__name__}: {amp}\n" + HOW_TO_GET_APEX,
+            f"importing apex.amp from {location} raised {text}; fix: {REBUILD_FIX}",
             "import_failed",
+            rest,
         ) from amp
     missing = [name for name in REQUIRED_API if not callable(getattr(amp, name, None))]
     if missing:
         raise ApexUnavailableError(
-            f"ApexPlugin ({DISTRIBUTION}): the apex.amp at {_location(amp)} is not NVIDIA apex amp: it lacks "
-            f"{', '.join(missing)}.\n" + HOW_TO_GET_APEX,
+            f"the apex.amp at {_location(amp)} is not NVIDIA apex amp: it lacks {', '.join(missing)}; "
+            f"fix: {BUILD_FIX}",
             "not_apex_amp",
         )
     return amp
@@ -126,23 +137,27 @@ def _is_apex_file(filename: str) -> bool:
     return "apex" in parts[:-1]
 
 
-def _import_failed_message(exc: BaseException) -> str:
+def _exception_text(exc: BaseException) -> tuple[str, str]:
+    """``"Type: first line"`` for the error's first line, and the full text when it has more lines."""
     text = f"{type(exc).__name__}: {exc}"
-    pyramid = "pyramid" in text.lower() or "UnencryptedCookieSessionFactoryConfig" in text
-    meta = _distribution_summary()
-    lines = [f"ApexPlugin ({DISTRIBUTION}): a package named 'apex' is installed{meta} but importing it "
-             f"raised {text}"]
+    first = text.split("\n", 1)[0]
+    return first, ("" if first == text else text)
+
+
+def _import_failed(exc: BaseException) -> tuple[str, str]:
+    """The blocker and the details for an ``import apex`` that raised."""
+    text, rest = _exception_text(exc)
+    pyramid = "pyramid" in str(exc).lower() or "UnencryptedCookieSessionFactoryConfig" in str(exc)
+    found = f"a package named 'apex' is installed{_distribution_summary()} but importing it raised {text}"
     if pyramid:
-        lines.append(
-            "This is PyPI's 'apex' 0.9.10.dev0 (2013), an unrelated Pyramid web toolkit that `pip install apex` "
-            "installs, not NVIDIA apex. Remove it: pip uninstall apex"
-        )
+        blocker = f"{found}; fix: pip uninstall apex (PyPI's unrelated Pyramid toolkit), then {BUILD_FIX}"
+        about = ("This is PyPI's 'apex' 0.9.10.dev0 (2013), an unrelated Pyramid web toolkit that `pip install apex` "
+                 "installs, not NVIDIA apex. Remove it: pip uninstall apex")
     else:
-        lines.append(
-            "If it is PyPI's 'apex' (an unrelated 2013 Pyramid toolkit), remove it with `pip uninstall apex`; "
-            "if it is NVIDIA apex, its build is broken: rebuild it as below."
-        )
-    return "\n".join(lines) + "\n" + HOW_TO_GET_APEX
+        blocker = f"{found}; fix: pip uninstall apex if it is PyPI's, else {REBUILD_FIX}"
+        about = ("If it is PyPI's 'apex' (an unrelated 2013 Pyramid toolkit), remove it with `pip uninstall apex`; "
+                 "if it is NVIDIA apex, its build is broken: rebuild it as below.")
+    return blocker, "\n".join(part for part in (rest, about) if part)
 
 
 def _distribution_summary() -> str:

@@ -6,7 +6,8 @@ What the core calls, and what this plugin does (apex <= 25.05's documented usage
     setup, once        connect_precision   → configure_apex → amp.initialize(model, optimizers,
                                              opt_level); after the optimizers exist and before
                                              configure_ddp (apex refuses a DDP-wrapped model)
-    every micro-batch  backward            → with amp.scale_loss(loss, optimizers) as s: s.backward()
+    every micro-batch  backward            → with amp.scale_loss(loss, optimizers, delay_unscale=...) as s:
+                                                 s.backward()
     window end         unscale_gradients   → nothing: scale_loss already unscaled on exit
                        clip_gradients      → eps 1e-5 over amp.master_params(optimizer)
                        optimizer_step      → opt.step() for each; False when apex skipped it
@@ -17,11 +18,14 @@ Gradient accumulation is apex's recipe: the core divides each micro-batch loss b
 length, every micro-batch runs through ``scale_loss`` (which stashes and re-adds the unscaled
 gradients already accumulated), and the optimizers step once per window.
 
-Across processes (world size > 1) the micro-batches whose gradient all-reduce the core blocks
-(``block_backward_sync``) use ``scale_loss(..., delay_unscale=True)``: their scaled gradients
-stay in ``.grad``, so the window's last backward all-reduces the whole window. Without it apex
-would move them into its private stash before that backward, DDP would average only the last
-micro-batch, and apex would add back each rank's own stash: the ranks would drift apart.
+The core tells ``backward`` whether the micro-batch synchronises gradients
+(``sync_gradients``: ``True`` for the window's last micro-batch, ``False`` for those it runs
+inside ``block_backward_sync``). Across processes (world size > 1) a micro-batch with
+``sync_gradients=False`` uses ``scale_loss(..., delay_unscale=True)``: its scaled gradients stay
+in ``.grad``, so the window's last backward all-reduces the whole window. Without it apex would
+move them into its private stash before that backward, DDP would average only the last
+micro-batch, and apex would add back each rank's own stash: the ranks would drift apart. In one
+process every micro-batch is unscaled on ``scale_loss`` exit (apex's plain recipe).
 """
 
 from __future__ import annotations
@@ -34,13 +38,13 @@ import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from types import ModuleType
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 from torch import nn
 from torch.optim import Optimizer
 
-from torchplug import CheckpointError, MisconfigurationError, Plugin, hookimpl
+from torchplug import CheckpointError, MisconfigurationError, Plugin
 from torchplug_apex._detect import DISTRIBUTION, ApexUnavailableError, load_amp
 
 if TYPE_CHECKING:
@@ -53,9 +57,6 @@ DEFAULT_AMP_LEVEL = "O2"
 CHECKPOINT_KEY = "apex_amp"
 #: Clipping epsilon: torch uses 1e-6; fp16 weights need the larger one (Lightning 1.1/1.2).
 CLIP_EPS = 1e-5
-#: Test-only switch: ``TORCHPLUG_APEX_ALLOW_CPU=1`` lets the plugin run without CUDA. It exists
-#: for contract tests against a CPU fake of apex.amp; real apex raises on CPU tensors anyway.
-ALLOW_CPU_ENV = "TORCHPLUG_APEX_ALLOW_CPU"
 NATIVE_FIX = 'use precision=16 with native AMP instead (pip install "torchplug[native-amp]"; amp_backend="native")'
 
 
@@ -94,8 +95,6 @@ class ApexPlugin(Plugin):
 
     :param amp_level: the apex opt level, ``"O0"`` to ``"O3"``. ``None``: the Trainer's
         ``amp_level``, else ``"O2"`` (Lightning 1.1's default).
-    :param _allow_cpu_for_contract_tests: run without CUDA. **For tests against a CPU fake of
-        apex only** (``TORCHPLUG_APEX_ALLOW_CPU=1`` does the same): real apex amp needs CUDA.
 
     Selected by ``Trainer(precision=16, amp_backend="apex", amp_level="O1")`` (entry point
     ``apex``) or passed as an object; override :meth:`configure_apex` to give
@@ -110,8 +109,11 @@ class ApexPlugin(Plugin):
 
     role = "precision"
     plugin_name = "apex"
+    #: Refuse to start without CUDA (real apex amp needs it). Private: only a test subclass
+    #: driving a CPU fake of ``apex.amp`` sets it to ``False``.
+    _needs_cuda: ClassVar[bool] = True
 
-    def __init__(self, amp_level: str | None = None, *, _allow_cpu_for_contract_tests: bool = False) -> None:
+    def __init__(self, amp_level: str | None = None) -> None:
         if amp_level is not None and amp_level not in AMP_LEVELS:
             raise MisconfigurationError(
                 f"ApexPlugin ({DISTRIBUTION}): amp_level must be one of {', '.join(AMP_LEVELS)} (the letter O), "
@@ -120,7 +122,6 @@ class ApexPlugin(Plugin):
         self.requested_level = amp_level
         #: The opt level in use, resolved against the Trainer by ``check_configuration``.
         self.amp_level: str = amp_level or DEFAULT_AMP_LEVEL
-        self._allow_cpu_arg = bool(_allow_cpu_for_contract_tests)
         self._reset_run_state()
 
     def _reset_run_state(self) -> None:
@@ -129,7 +130,6 @@ class ApexPlugin(Plugin):
         #: True once ``amp.initialize`` ran for the current fit
         self.initialized = False
         self._distributed = False  # world size > 1 in the current fit
-        self._sync_blocked = False  # the core entered block_backward_sync for this micro-batch
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(amp_level={self.amp_level!r})"
@@ -137,18 +137,13 @@ class ApexPlugin(Plugin):
     # A Trainer pickles its plugins into worker processes: options travel, modules and state not.
     def __getstate__(self) -> dict[str, Any]:
         state = dict(self.__dict__)
-        for key in ("amp", "initialized", "_distributed", "_sync_blocked"):
+        for key in ("amp", "initialized", "_distributed"):
             state.pop(key, None)
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
         self._reset_run_state()
-
-    @property
-    def allow_cpu(self) -> bool:
-        """Whether the test-only CPU switch is on (argument or ``TORCHPLUG_APEX_ALLOW_CPU=1``)."""
-        return self._allow_cpu_arg or os.environ.get(ALLOW_CPU_ENV, "").strip() == "1"
 
     # -- configuration and setup -------------------------------------------------------------
     def check_configuration(self, trainer: Trainer) -> None:
@@ -164,24 +159,30 @@ class ApexPlugin(Plugin):
                 f"Trainer(amp_level={trainer_level!r}) disagree; set the opt level in one place."
             )
         self.amp_level = self.requested_level or trainer_level or DEFAULT_AMP_LEVEL
-        no_cuda = None if self.allow_cpu else self._cuda_problem(trainer)
+        # The first line of the error names every blocker, the missing CUDA first (a CUDA-less
+        # machine cannot run apex amp whatever apex is installed), each with its fix; apex's long
+        # build instructions come after it.
+        no_cuda = self._cuda_problem(trainer) if self._needs_cuda else None
         try:
             self.amp = load_amp()
         except ApexUnavailableError as exc:
             if no_cuda is not None:
-                exc.args = (f"{exc.args[0]}\nNote also: {no_cuda}",)
+                exc.args = (f"ApexPlugin ({DISTRIBUTION}): apex amp cannot run here, for two reasons: (1) {no_cuda}; "
+                            f"(2) {exc.blocker}. Or, to avoid both, {NATIVE_FIX}, which also runs on the CPU.\n"
+                            f"{exc.details}",)
             raise
         if no_cuda is not None:
-            raise MisconfigurationError(f"ApexPlugin ({DISTRIBUTION}): {no_cuda}")
+            raise MisconfigurationError(f"ApexPlugin ({DISTRIBUTION}): {no_cuda}, or {NATIVE_FIX}, "
+                                        "which also runs on the CPU.")
         _warn_deprecated_once()
 
     def _cuda_problem(self, trainer: Trainer) -> str | None:
+        """Why this run has no CUDA for apex, with the fix (one clause), or ``None``."""
         if not torch.cuda.is_available():
             return (f"apex amp needs CUDA, but torch.cuda.is_available() is False (torch {torch.__version__}); "
-                    f"run on a CUDA machine with a CUDA build of torch, or {NATIVE_FIX}, which also runs on the CPU.")
+                    "fix: run on a CUDA machine with a CUDA build of torch")
         if trainer.accelerator == "cpu":
-            return (f"apex amp needs CUDA, but accelerator='cpu' was asked for; pass accelerator='cuda', "
-                    f"or {NATIVE_FIX}.")
+            return "apex amp needs CUDA, but accelerator='cpu' was asked for; fix: pass accelerator='cuda'"
         return None
 
     def connect_precision(
@@ -193,9 +194,8 @@ class ApexPlugin(Plugin):
             amp = self._require_amp("connect_precision")
         self.initialized = False
         self._distributed = getattr(trainer, "world_size", 1) > 1
-        self._sync_blocked = False
         _refuse_wrapped(model)
-        if not self.allow_cpu:
+        if self._needs_cuda:
             _require_cuda_params(model)
         given = list(optimizers)
         _undo_earlier_o1_patching(amp)
@@ -221,19 +221,12 @@ class ApexPlugin(Plugin):
         return model, optimizers
 
     # -- one step ----------------------------------------------------------------------------
-    @hookimpl(wrapper=True)
-    def block_backward_sync(self, model: nn.Module) -> Any:
-        """Observe (never answer) the core's "not the window's last micro-batch" signal; the
-        strategy plugin (DDP) still provides the context manager."""
-        self._sync_blocked = True
-        return (yield)
-
-    def backward(self, loss: torch.Tensor, optimizers: list[Optimizer]) -> bool:
+    def backward(self, loss: torch.Tensor, optimizers: list[Optimizer], sync_gradients: bool) -> bool:
         amp = self._require_amp("backward")
-        # Keep a blocked micro-batch's gradients scaled in .grad (see the module docstring); the
-        # window's last backward unscales the whole window. One process keeps apex's plain recipe.
-        delay_unscale = self._sync_blocked and self._distributed
-        self._sync_blocked = False
+        # Across processes, keep the gradients of a micro-batch that does not synchronise scaled in
+        # .grad (see the module docstring); the window's last backward unscales the whole window.
+        # One process keeps apex's plain recipe.
+        delay_unscale = not sync_gradients and self._distributed
         if delay_unscale:
             for optimizer in optimizers:
                 _create_master_weights_now(optimizer)

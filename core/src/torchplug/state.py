@@ -1,0 +1,103 @@
+"""Where a run is: its counters and metrics (``RunState``), and their checkpoint round trip.
+
+One owner: the loop advances the ``RunState`` of its run, the Trainer reads it (its
+``global_step``, ``current_epoch`` and ``callback_metrics`` are views of it), and a
+checkpoint stores and restores it. Counters follow Lightning: ``global_step`` counts optimizer
+steps (windows), including steps a precision plugin skipped; ``epoch`` counts completed epochs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from torch import nn
+from torch.optim import Optimizer
+
+from torchplug.errors import CheckpointError
+
+
+@dataclass
+class RunState:
+    """The counters of one fit, live while it runs."""
+
+    epoch: int = 0
+    #: batches of the current epoch already trained (the resume point inside an epoch)
+    batch_in_epoch: int = 0
+    global_step: int = 0
+    #: optimizer steps a precision plugin skipped (inf/NaN gradients), counted in global_step too
+    skipped_steps: int = 0
+    callback_metrics: dict[str, float] = field(default_factory=dict)
+    #: RNG states at the start of the current epoch, to replay its shuffle on resume
+    epoch_rng: dict[str, Any] | None = None
+
+    def to_checkpoint(self) -> dict[str, Any]:
+        return {
+            "epoch": self.epoch,
+            "batch_in_epoch": self.batch_in_epoch,
+            "global_step": self.global_step,
+            "skipped_steps": self.skipped_steps,
+            "epoch_rng_states": self.epoch_rng,
+            "callback_metrics": dict(self.callback_metrics),
+        }
+
+    def restore(self, data: Mapping[str, Any]) -> None:
+        self.epoch = int(data["epoch"])
+        self.batch_in_epoch = int(data.get("batch_in_epoch", 0))
+        self.global_step = int(data["global_step"])
+        self.skipped_steps = int(data.get("skipped_steps", 0))
+        self.callback_metrics.update(data.get("callback_metrics", {}))
+        self.epoch_rng = data.get("epoch_rng_states")
+
+
+@dataclass
+class Position:
+    """What the run is doing, for the note an exception gets: ``"train"``/``"validation"`` and the
+    batch being fetched or run (set once per batch)."""
+
+    phase: str | None = None
+    batch: int = 0
+
+
+@dataclass
+class SchedulerConfig:
+    """One LR scheduler from ``configure_optimizers`` and how the loop steps it."""
+
+    scheduler: Any
+    interval: str = "epoch"  # "step" or "epoch"
+    #: the metric ``ReduceLROnPlateau`` steps on
+    monitor: str | None = None
+
+
+def training_state(module: nn.Module, optimizers: list[Optimizer], schedulers: list[SchedulerConfig]
+                   ) -> dict[str, Any]:
+    """Weights, optimizer and scheduler states, as a checkpoint stores them."""
+    return {
+        "state_dict": module.state_dict(),
+        "optimizer_states": [opt.state_dict() for opt in optimizers],
+        "lr_schedulers": [s.scheduler.state_dict() for s in schedulers],
+    }
+
+
+def load_training_state(data: Mapping[str, Any], module: nn.Module, optimizers: list[Optimizer],
+                        schedulers: list[SchedulerConfig]) -> None:
+    """Load what :func:`training_state` saved; a mismatch is a :class:`CheckpointError`."""
+    try:
+        module.load_state_dict(data["state_dict"])
+        if len(data["optimizer_states"]) != len(optimizers):
+            raise CheckpointError(
+                f"The checkpoint has {len(data['optimizer_states'])} optimizer states, "
+                f"configure_optimizers() made {len(optimizers)}."
+            )
+        for opt, state in zip(optimizers, data["optimizer_states"]):
+            opt.load_state_dict(state)
+        saved = data.get("lr_schedulers", [])
+        if len(saved) != len(schedulers):
+            raise CheckpointError(
+                f"The checkpoint has {len(saved)} LR scheduler states, configure_optimizers() made {len(schedulers)}."
+            )
+        for sched, state in zip(schedulers, saved):
+            sched.scheduler.load_state_dict(state)
+    except (RuntimeError, KeyError, ValueError, TypeError) as exc:
+        raise CheckpointError(f"The checkpoint does not match this model or its optimizers: {exc}") from exc
