@@ -1,17 +1,22 @@
-"""examples/plugin-template is a working third-party plugin project, and hookimpls in a user
-package outside this repository change training once installed and selected by name.
+"""examples/plugin-template is a working third-party plugin project, hookimpls in a user
+package outside this repository change training once installed and selected by name, and
+``torchplug new-plugin`` makes a plugin project that goes from the command to an installed
+wheel, listed, selected and passing its conformance tests, in a fresh environment.
 
-Both are built as wheels and installed into a fresh venv that shares only torch, pytest and the
-core's dependencies with this interpreter (no resolution, no index), next to the torchplug wheel.
+Everything is built as wheels and installed into fresh venvs that share only torch, pytest and
+the core's dependencies with this interpreter (no resolution, no index), next to the torchplug
+wheel. No venv sees numpy: torch runs without it, and so must a plugin's tests.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +28,9 @@ from torchplug.testing import venv
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 
 TEMPLATE = REPO / "examples" / "plugin-template"
-SHARED = ("torch", "numpy", "pluggy", "packaging", "tqdm", "pytest")
+#: What a plugin project's own instructions install (torch first, then torchplug's and pytest's
+#: requirements); numpy is not among them.
+SHARED = ("torch", "pluggy", "packaging", "tqdm", "pytest")
 
 USER_PROJECT = {
     "pyproject.toml": """
@@ -153,3 +160,99 @@ def test_template_plugin_changes_training_when_selected_by_name(trained: dict[st
     noisy = trained["input_noise by argument"]
     assert noisy["plugins"] == ["input_noise"]
     assert noisy["params"] != trained["plain"]["params"]
+
+
+def test_fresh_environments_have_no_numpy(fresh_env: dict[str, Path]) -> None:
+    proc = subprocess.run([str(fresh_env["python"]), "-c", "import numpy"], env=_env(), capture_output=True, text=True)
+    assert proc.returncode != 0, "numpy is visible in the fresh venv: the template tests would not see its absence"
+
+
+SELECT_AND_TRAIN = """
+import json, torch, torchplug
+from torchplug import Trainer
+from torchplug.testing.models import TinyMLP, tiny_loader, parameters_vector
+
+results = {}
+for plugins in ([], ["acme_scale"]):
+    torch.manual_seed(0)
+    module = TinyMLP()
+    trainer = Trainer(plugins=plugins, max_epochs=1, enable_progress_bar=False, logger=False,
+                      enable_checkpointing=False, autoload_plugins=False)
+    trainer.fit(module, tiny_loader())
+    results[",".join(plugins) or "plain"] = {"plugins": trainer.plugin_names,
+                                             "class": [type(r.plugin).__qualname__ for r in trainer.pm.records
+                                                       if r.source != "builtin"],
+                                             "params": parameters_vector(module).tolist()}
+print(json.dumps(results))
+"""
+
+
+@pytest.mark.timeout(300)
+def test_new_plugin_to_an_installed_wheel_in_a_fresh_environment(tmp_path: Path, core_wheel: Path) -> None:
+    """`torchplug new-plugin acme_scale` in a fresh venv holding torchplug (from its wheel) and
+    what the plugin's README installs; then its wheel is built, installed with its test extra,
+    listed by `torchplug plugins`, selected by name in a Trainer, and its own tests pass there."""
+    start = time.perf_counter()
+    timings: dict[str, float] = {}
+
+    def lap(name: str) -> None:
+        timings[name] = round(time.perf_counter() - start - sum(timings.values()), 2)
+
+    wheels = tmp_path / "wheels"  # the folder README's --find-links names: torchplug's wheels
+    wheels.mkdir()
+    (wheels / core_wheel.name).symlink_to(core_wheel)
+    python = venv.create(tmp_path / "env", share=SHARED)
+    pip = [sys.executable, "-m", "pip", "--python", str(python), "install", "--quiet", "--no-index",
+           "--find-links", str(wheels)]
+    subprocess.run([*pip, "torchplug"], check=True, capture_output=True, text=True)
+    lap("venv + torchplug")
+    bin_dir = python.parent
+    made = subprocess.run([str(bin_dir / "torchplug"), "new-plugin", "acme_scale"], cwd=tmp_path, env=_env(),
+                          capture_output=True, text=True, timeout=60)
+    assert made.returncode == 0, made.stderr
+    project = tmp_path / "torchplug-acme-scale"
+    assert (project / "src" / "torchplug_acme_scale" / "plugin.py").is_file()
+    lap("new-plugin")
+
+    # README: python -m build --wheel (without isolation here: no index; setuptools from this interpreter)
+    if importlib.util.find_spec("build") is not None:
+        build = [sys.executable, "-m", "build", "--wheel", "--no-isolation", "--outdir", str(project / "dist")]
+    else:  # `build` is not installed (nox's wheels session): pip builds the same wheel
+        build = [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "--no-index",
+                 "--wheel-dir", str(project / "dist"), "."]
+    built = subprocess.run(build, cwd=project, capture_output=True, text=True, timeout=120)
+    assert built.returncode == 0, built.stdout[-3000:] + built.stderr[-3000:]
+    (wheel,) = (project / "dist").glob("*.whl")
+    assert wheel.name == "torchplug_acme_scale-0.1.0-py3-none-any.whl"
+    lap("build the wheel")
+    subprocess.run([*pip, f"{wheel}[test]"], check=True, capture_output=True, text=True)
+    lap("install the wheel [test]")
+
+    listed = subprocess.run([str(bin_dir / "torchplug"), "plugins", "--json"], env=_env(), capture_output=True,
+                            text=True, timeout=60)
+    assert listed.returncode == 0, listed.stderr
+    entry = {p["name"]: p for p in json.loads(listed.stdout)["plugins"]}["acme_scale"]
+    assert (entry["distribution"], entry["value"], entry["status"]) == (
+        "torchplug-acme-scale", "torchplug_acme_scale:AcmeScalePlugin", "ok")
+    assert Path(entry["metadata_path"]).is_relative_to(venv.venv_paths(python)[1])
+    trained = subprocess.run([str(python), "-c", SELECT_AND_TRAIN], env=_env(TORCHPLUG_ACME_SCALE_STD="0.5"),
+                             cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert trained.returncode == 0, trained.stderr
+    runs = json.loads(trained.stdout.strip().splitlines()[-1])
+    assert runs["acme_scale"]["plugins"] == ["acme_scale"]
+    assert runs["acme_scale"]["class"] == ["AcmeScalePlugin"]
+    assert runs["acme_scale"]["params"] != runs["plain"]["params"]  # the plugin changed training
+    lap("torchplug plugins + Trainer(plugins=['acme_scale'])")
+
+    no_numpy = subprocess.run([str(python), "-c", "import numpy"], env=_env(), capture_output=True, text=True)
+    assert no_numpy.returncode != 0, "numpy is installed in the fresh venv"
+    tests = subprocess.run([str(python), "-m", "pytest", "-p", "no:cacheprovider", "-v"], cwd=project, env=_env(),
+                           capture_output=True, text=True, timeout=240)
+    assert tests.returncode == 0, tests.stdout[-6000:] + tests.stderr[-3000:]
+    assert " passed" in tests.stdout, tests.stdout[-3000:]
+    assert " failed" not in tests.stdout, tests.stdout[-3000:]
+    assert "tests/test_acme_scale.py::TestConformance::" in tests.stdout  # the conformance contract ran
+    lap("the plugin's tests")
+    seconds = time.perf_counter() - start
+    print(f"new-plugin -> installed wheel -> tests passed: {seconds:.1f} s ({timings})")
+    assert seconds < 120, f"{seconds:.1f} s, target 60 s: {timings}"

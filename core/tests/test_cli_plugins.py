@@ -126,7 +126,8 @@ def test_check_imports_each_plugin_and_survives_broken_ones(plugin_env: PluginEn
                               ("freeze", ["optimizer_step"], None),
                               ("precise", ["forward_context"], "precision"),
                               ("rival_precision", ["forward_context"], "precision")]:
-        assert checks[name] == {"ok": True, "hooks": hooks, "role": role, "error": None, "traceback": None}, name
+        assert checks[name] == {"ok": True, "hooks": hooks, "role": role, "error": None, "traceback": None,
+                                "refused": None}, name
     broken = checks["broken"]
     assert broken is not None
     assert broken["ok"] is False
@@ -138,6 +139,21 @@ def test_check_imports_each_plugin_and_survives_broken_ones(plugin_env: PluginEn
     assert old["ok"] is False
     assert old["error"].startswith("PluginIncompatibleError")
     assert INCOMPATIBLE in old["error"]
+
+
+@pytest.mark.slow
+def test_requirements_json_is_the_same_list(plugin_env: PluginEnv) -> None:
+    proc = plugin_env.run([*plugin_env.torchplug_cmd, "plugins", "--requirements", "--json"])
+    assert proc.returncode == 0, proc.stderr
+    data = json.loads(proc.stdout)
+    assert data["prefix"] == str(plugin_env.python.parent.parent)
+    assert data["requirements"] == [
+        "torchplug-test-autolog==1.0.0",
+        "torchplug-test-broken==0.3.0",
+        "torchplug-test-named==2.1.0",
+        "torchplug-test-old==0.0.1",
+        "torchplug-test-rival==1.5.0",
+    ]
 
 
 @pytest.mark.slow
@@ -270,3 +286,71 @@ def test_empty_listing_says_how_to_install(site: Path, monkeypatch: pytest.Monke
     out = capsys.readouterr().out
     assert out.startswith("No torchplug plugins installed for python ")
     assert 'pip install "torchplug[native-amp]"' in out
+
+
+REFUSING = """
+from torchplug import MisconfigurationError, Plugin
+
+
+class Picky(Plugin):
+    role = "precision"
+
+    def check_configuration(self, trainer):
+        raise MisconfigurationError("Picky (torchplug-test-picky): needs a machine with a flux capacitor")
+"""
+
+
+def test_check_reports_what_a_trainer_refuses(site: Path, capsys: pytest.CaptureFixture[str],
+                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """--check builds Trainer(plugins=[plugin]): the plugin's check_configuration decides, with its reason."""
+    make_fake_dist(site, "rf-picky", "1.0", {"torchplug.plugins": {"rf_picky": "rf_picky_mod:Picky"}},
+                   modules={"rf_picky_mod": REFUSING})
+    make_fake_dist(site, "rf-fine", "1.0", {"torchplug.plugins": {"rf_fine": "rf_fine_mod"}},
+                   modules={"rf_fine_mod": "from torchplug import hookimpl\n\n@hookimpl\ndef world_size():\n"
+                                           "    return 1\n"})
+    only(site, monkeypatch)
+    monkeypatch.setenv("TORCHPLUG_PLUGINS", "rf_fine")  # --check judges each plugin alone
+    assert listing.main(["--check"]) == 1
+    out = capsys.readouterr().out
+    assert ("rf_picky (torchplug.plugins, rf-picky 1.0): REFUSED by a Trainer on this machine\n"
+            "    MisconfigurationError: Picky (torchplug-test-picky): needs a machine with a flux capacitor") in out
+    assert "rf_fine (torchplug.plugins, rf-fine 1.0): ok, hooks: world_size" in out
+    assert listing.main(["--check", "--json"]) == 1
+    data = {p["name"]: p["check"] for p in json.loads(capsys.readouterr().out)["plugins"]}
+    assert data["rf_picky"]["ok"] is False
+    assert data["rf_picky"]["role"] == "precision"
+    assert data["rf_picky"]["refused"] == (
+        "MisconfigurationError: Picky (torchplug-test-picky): needs a machine with a flux capacitor")
+    assert data["rf_picky"]["error"] is None
+    assert data["rf_fine"] == {"ok": True, "hooks": ["world_size"], "role": None, "error": None, "traceback": None,
+                               "refused": None}
+
+
+def test_check_reports_apex_refused_without_cuda_or_nvidia_apex(capsys: pytest.CaptureFixture[str],
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """The first-party apex plugin: without NVIDIA apex or CUDA a Trainer refuses it, and so does --check."""
+    import torch
+
+    from torchplug import discovery
+
+    ep = discovery.find("apex")
+    if ep is None:
+        pytest.skip("torchplug-apex is not installed")
+    try:
+        import apex  # noqa: F401
+    except ImportError:
+        nvidia_apex = False
+    else:
+        nvidia_apex = True
+    if nvidia_apex and torch.cuda.is_available():
+        pytest.skip("NVIDIA apex and CUDA are both here: a Trainer accepts apex")
+    monkeypatch.delenv("TORCHPLUG_APEX_ALLOW_CPU", raising=False)
+    item = next(s for s in listing.collect() if s.entry_point.name == "apex")
+    listing.check(item)
+    assert item.ok is False
+    assert item.refused is not None
+    assert item.refused.startswith(("ApexUnavailableError: ", "MisconfigurationError: "))
+    if not torch.cuda.is_available():
+        assert "torch.cuda.is_available() is False" in item.refused
+    if not nvidia_apex:
+        assert "NVIDIA apex is not installed" in item.refused

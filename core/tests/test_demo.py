@@ -35,21 +35,21 @@ def test_demo_reaches_95_percent_and_plots_the_losses(tmp_path: Path) -> None:
                             capture_output=True, text=True, env=_env(), timeout=110, cwd=tmp_path)
     seconds = time.perf_counter() - start
     assert result.returncode == 0, result.stderr
-    lines = result.stdout.strip().splitlines()
-    summary = json.loads(lines[-1])
+    summary = json.loads(result.stdout)  # --json: stdout holds the JSON object alone
+    assert result.stdout.count("\n") == 1
     assert summary["val_acc"] >= 0.95, summary
     assert summary["plugins"] == []
     assert summary["devices"] == 1
     assert summary["precision"] == "32"
     assert summary["global_step"] == summary["current_epoch"] * 23  # 1437 images / 64 per batch
     assert 0 < summary["seconds"] < seconds
-    assert "plugins active: none (built-in defaults: one process, fp32)" in result.stdout
+    assert "plugins active: none (built-in defaults: one process, fp32)" in result.stderr
     plot = Path(summary["plot"])
     assert plot == Path(summary["log_dir"]) / "loss_curves.png"
     assert plot.is_absolute()
     assert plot.read_bytes()[:8] == PNG_MAGIC
     assert plot.stat().st_size > 10_000
-    assert f"loss curves: {plot}" in result.stdout
+    assert f"loss curves: {plot}" in result.stderr
     metrics = (Path(summary["log_dir"]) / "metrics.csv").read_text()
     assert ",train_loss," in metrics
     assert ",val_loss," in metrics
@@ -76,6 +76,8 @@ class Classifier(torchplug.TrainingModule):
         self.net = nn.Linear(4, 2)
 
     def training_step(self, batch, batch_idx):
+        if batch_idx == 0:
+            print("hello from training_step")
         x, y = batch
         loss = nn.functional.cross_entropy(self.net(x), y)
         self.log("train_loss", loss)
@@ -127,7 +129,8 @@ def test_fit_trains_a_user_module_from_the_current_directory(tmp_path: Path) -> 
         [sys.executable, "-m", "torchplug", "fit", "usermodel:Classifier", "--max-epochs", "3", "--accumulate", "2",
          "--json"], capture_output=True, text=True, env=_env(), timeout=110, cwd=tmp_path)
     assert result.returncode == 0, result.stderr
-    summary = json.loads(result.stdout.strip().splitlines()[-1])
+    summary = json.loads(result.stdout)  # the user's prints and the messages went to stderr
+    assert "hello from training_step" in result.stderr
     assert (summary["global_step"], summary["current_epoch"], summary["accumulate"]) == (6, 3, 2)
     assert set(summary["metrics"]) == {"train_loss", "val_loss"}
     assert Path(summary["log_dir"]).parent == tmp_path / "torchplug_logs"
@@ -210,3 +213,26 @@ def test_demo_module_pickles_for_spawned_workers() -> None:
     result = subprocess.run([sys.executable, "-c", script], input=pickle.dumps(model), capture_output=True,
                             env=_env(), timeout=60)
     assert result.stdout.decode().split() == ["torchplug.demo", "DigitsClassifier"], result.stderr
+
+
+@pytest.mark.timeout(120)
+def test_fit_without_max_epochs_says_how_many_it_trains(tmp_path: Path) -> None:
+    (tmp_path / "usermodel.py").write_text(USER_MODULE)
+    result = subprocess.run([sys.executable, "-m", "torchplug", "fit", "usermodel:Classifier", "--no-progress-bar"],
+                            capture_output=True, text=True, env=_env(), timeout=110, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert f"training {cli.FIT_EPOCHS} epochs (the default without --max-epochs or --max-steps)" in result.stdout
+    assert f"done: {cli.FIT_EPOCHS * 4} steps, {cli.FIT_EPOCHS} epochs" in result.stdout
+    steps = subprocess.run([sys.executable, "-m", "torchplug", "fit", "usermodel:Classifier", "--max-steps", "3",
+                            "--json"], capture_output=True, text=True, env=_env(), timeout=110, cwd=tmp_path)
+    assert steps.returncode == 0, steps.stderr
+    assert "training until 3 optimizer steps (--max-steps; no epoch limit)" in steps.stderr
+    assert json.loads(steps.stdout)["global_step"] == 3
+
+
+def test_fit_json_error_is_json(in_user_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli.main(["fit", "tp_cli_user:Missing", "--json"]) == 2
+    out, err = capsys.readouterr()
+    assert json.loads(out) == {"command": "fit", "error_type": "TargetError", "error": (
+        "Module 'tp_cli_user' has no attribute 'Missing'. It defines: Classifier, NeedsArgs, NoData, NoStep.")}
+    assert err.startswith("torchplug fit: error: ")

@@ -7,7 +7,11 @@ any plugins, devices and precision. ``torchplug fit package.module:Class`` train
 provides ``train_dataloader()`` (and optionally ``val_dataloader()``).
 
 Both print the active plugins, the run folder and a PNG of the loss curves drawn from the
-run's ``metrics.csv``; ``--json`` ends the output with one JSON object line.
+run's ``metrics.csv``. With ``--json`` stdout gets exactly one JSON object (the run's summary,
+or ``{"error": ...}``) and everything else goes to stderr: the messages, the progress bar, the
+module's own prints and those of spawned workers (file descriptor 1 points at stderr while the
+command runs). ``torchplug fit`` without ``--max-epochs`` or ``--max-steps`` trains
+:data:`torchplug.cli.FIT_EPOCHS` epochs and says so.
 
 The demo needs the ``demo`` extra (scikit-learn, matplotlib): ``pip install "torchplug[demo]"``.
 :class:`DigitsClassifier` lives at module level so that it pickles into spawned DDP workers.
@@ -16,11 +20,14 @@ The demo needs the ``demo`` extra (scikit-learn, matplotlib): ``pip install "tor
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
+import io
 import json
 import os
 import sys
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -134,52 +141,107 @@ class DigitsClassifier(TrainingModule):
 
 
 def run_demo(args: argparse.Namespace) -> int:
-    try:
-        _require("sklearn", "torchplug demo")
-        _require("matplotlib", "torchplug demo")
-        from torchplug.seed import seed_everything
-
-        _one_thread_unless_set()
-        seed_everything(args.seed)
-        model = DigitsClassifier(hidden=args.hidden, data_seed=args.seed)
-        train, val = model.datasets()
-        say = _sayer(args)
-        say(f"torchplug demo: MLP 64-{args.hidden}-{args.hidden // 2}-10 on scikit-learn digits "
-            f"({len(train)} train / {len(val)} validation images)")
-        summary = _train(model, args, say)
-        summary["val_acc"] = model.accuracy()
-    except TorchplugError as exc:
-        return _fail("demo", exc)
-    say(f"validation accuracy {summary['val_acc']:.4f} after {summary['global_step']} steps, "
-        f"{summary['seconds']:.1f} s")
-    return _finish(summary, args)
+    return _run_command("demo", _demo, args)
 
 
 def run_fit(args: argparse.Namespace) -> int:
-    try:
-        cls = load_target(args.target)
-        from torchplug.seed import seed_everything
+    return _run_command("fit", _fit, args)
 
-        seed_everything(args.seed)
-        try:
-            model = cls()
-        except TypeError as exc:
-            raise TargetError(
-                f"{args.target} must be constructible with no arguments (torchplug fit calls {cls.__name__}()); "
-                f"{type(exc).__name__}: {exc}"
-            ) from exc
-        if not callable(getattr(model, "train_dataloader", None)):
-            raise TargetError(
-                f"{args.target} has no train_dataloader(): torchplug fit gets its data from the module; "
-                "define train_dataloader() (and val_dataloader() for validation)."
-            )
-        say = _sayer(args)
-        say(f"torchplug fit: {cls.__module__}.{cls.__qualname__}")
-        summary = _train(model, args, say)
-    except TorchplugError as exc:
-        return _fail("fit", exc)
+
+def _demo(args: argparse.Namespace) -> dict[str, Any]:
+    _require("sklearn", "torchplug demo")
+    _require("matplotlib", "torchplug demo")
+    from torchplug.seed import seed_everything
+
+    _one_thread_unless_set()
+    seed_everything(args.seed)
+    model = DigitsClassifier(hidden=args.hidden, data_seed=args.seed)
+    train, val = model.datasets()
+    say = _sayer(args)
+    say(f"torchplug demo: MLP 64-{args.hidden}-{args.hidden // 2}-10 on scikit-learn digits "
+        f"({len(train)} train / {len(val)} validation images)")
+    summary = _train(model, args, say)
+    summary["val_acc"] = model.accuracy()
+    say(f"validation accuracy {summary['val_acc']:.4f} after {summary['global_step']} steps, "
+        f"{summary['seconds']:.1f} s")
+    return summary
+
+
+def _fit(args: argparse.Namespace) -> dict[str, Any]:
+    from torchplug.cli import FIT_EPOCHS
+
+    cls = load_target(args.target)
+    from torchplug.seed import seed_everything
+
+    seed_everything(args.seed)
+    try:
+        model = cls()
+    except TypeError as exc:
+        raise TargetError(
+            f"{args.target} must be constructible with no arguments (torchplug fit calls {cls.__name__}()); "
+            f"{type(exc).__name__}: {exc}"
+        ) from exc
+    if not callable(getattr(model, "train_dataloader", None)):
+        raise TargetError(
+            f"{args.target} has no train_dataloader(): torchplug fit gets its data from the module; "
+            "define train_dataloader() (and val_dataloader() for validation)."
+        )
+    say = _sayer(args)
+    say(f"torchplug fit: {cls.__module__}.{cls.__qualname__}")
+    if args.max_epochs is None and args.max_steps is None:
+        args.max_epochs = FIT_EPOCHS
+        say(f"training {FIT_EPOCHS} epochs (the default without --max-epochs or --max-steps)")
+    elif args.max_epochs is None:
+        say(f"training until {args.max_steps} optimizer steps (--max-steps; no epoch limit)")
+    summary = _train(model, args, say)
     say(f"done: {summary['global_step']} steps, {summary['current_epoch']} epochs, {summary['seconds']:.1f} s")
-    return _finish(summary, args)
+    return summary
+
+
+def _run_command(command: str, body: Callable[[argparse.Namespace], dict[str, Any]], args: argparse.Namespace) -> int:
+    error: TorchplugError | None = None
+    summary: dict[str, Any] = {}
+    with _stdout_to_stderr(args.json):
+        try:
+            summary = body(args)
+        except TorchplugError as exc:
+            error = exc
+        else:
+            if summary.get("plot"):
+                print(f"loss curves: {summary['plot']}", flush=True)
+    if error is not None:
+        return _fail(command, error, args)
+    if args.json:
+        print(json.dumps(summary, sort_keys=True), flush=True)
+    return 0
+
+
+@contextlib.contextmanager
+def _stdout_to_stderr(enabled: bool) -> Iterator[None]:
+    """While the command runs in JSON mode, whatever is written to stdout goes to stderr: our
+    messages, the user's prints and, through file descriptor 1, native code and spawned workers
+    (they inherit it). stdout then carries the JSON alone."""
+    if not enabled:
+        yield
+        return
+    sys.stdout.flush()
+    saved: int | None = None
+    out_fd = -1
+    try:
+        out_fd, err_fd = sys.stdout.fileno(), sys.stderr.fileno()
+    except (AttributeError, OSError, io.UnsupportedOperation):
+        pass  # not real files (a test's capture): sys.stdout alone is redirected
+    else:
+        saved = os.dup(out_fd)
+        os.dup2(err_fd, out_fd)
+    try:
+        with contextlib.redirect_stdout(sys.stderr):
+            yield
+    finally:
+        sys.stderr.flush()
+        if saved is not None:
+            os.dup2(saved, out_fd)
+            os.close(saved)
 
 
 class TargetError(TorchplugError, ValueError):
@@ -337,16 +399,10 @@ def _sayer(args: argparse.Namespace) -> Any:
     return say
 
 
-def _finish(summary: dict[str, Any], args: argparse.Namespace) -> int:
-    if summary.get("plot"):
-        print(f"loss curves: {summary['plot']}", flush=True)
-    if args.json:
-        print(json.dumps(summary, sort_keys=True), flush=True)
-    return 0
-
-
-def _fail(command: str, exc: BaseException) -> int:
+def _fail(command: str, exc: BaseException, args: argparse.Namespace) -> int:
     print(f"torchplug {command}: error: {exc}", file=sys.stderr, flush=True)
+    if args.json:
+        print(json.dumps({"command": command, "error": str(exc), "error_type": type(exc).__name__}), flush=True)
     return 2 if isinstance(exc, (DemoDependencyError, TargetError, ValueError, LookupError, ImportError)) else 1
 
 

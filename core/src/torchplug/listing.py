@@ -2,10 +2,14 @@
 
 Listing reads distribution metadata (:mod:`torchplug.discovery`) and imports no plugin module,
 so a broken or slow plugin cannot break or slow it. ``--check`` does import every plugin that
-is not blocked, registers it on a scratch manager and reports its hooks and role, or the
-error, and exits 1 if any failed. ``--json`` gives the same as JSON, with the interpreter and
-environment prefix (which environment was listed is the first question when a plugin "is not
-found"). ``--requirements`` prints the plugin distributions as pip requirement lines.
+is not blocked, registers it on a scratch manager, reports its hooks and role, and then builds a
+``Trainer(plugins=[<the plugin>])`` as a user selecting it would, so that the plugin's own
+``check_configuration`` runs: a plugin this machine cannot run (apex without NVIDIA apex or
+without CUDA, say) is reported as refused, with the Trainer's reason. It exits 1 if any plugin
+failed or was refused. ``--json`` gives the same as JSON, with the interpreter and environment
+prefix (which environment was listed is the first question when a plugin "is not found").
+``--requirements`` prints the plugin distributions as pip requirement lines (as JSON with
+``--json``). In every ``--json`` mode stdout carries the JSON alone.
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import os
 import sys
 import traceback
 from collections.abc import Mapping
@@ -39,6 +44,8 @@ class PluginStatus:
     role: str | None = None
     error: str | None = None
     error_traceback: str | None = None
+    #: why ``Trainer(plugins=[plugin])`` refuses it (its ``check_configuration``), or None
+    refused: str | None = None
 
     @property
     def label(self) -> str:
@@ -59,7 +66,7 @@ class PluginStatus:
         }
         if self.checked:
             data["check"] = {"ok": self.ok, "hooks": self.hooks, "role": self.role,
-                             "error": self.error, "traceback": self.error_traceback}
+                             "error": self.error, "traceback": self.error_traceback, "refused": self.refused}
         return data
 
 
@@ -90,10 +97,12 @@ def collect(env: Mapping[str, str] | None = None, refresh: bool = False) -> list
 
 
 def check(item: PluginStatus) -> None:
-    """Import one plugin and register it on a scratch manager; record hooks/role or the error.
+    """Import one plugin, register it on a scratch manager and record its hooks and role; then
+    build a Trainer with it and record the Trainer's refusal, if any, or the error.
 
     Never raises (``KeyboardInterrupt`` aside): a plugin that fails in any way, even by calling
     ``sys.exit`` on import, is reported as failed."""
+    from torchplug.errors import MisconfigurationError, PluginError
     from torchplug.manager import PluginManager, load_entry_point, role_of
 
     item.checked = True
@@ -105,16 +114,52 @@ def check(item: PluginStatus) -> None:
         pm.register_plugin(plugin, item.entry_point.name, "entry point", item.entry_point)
         item.hooks = sorted(caller.name for caller in pm.get_hookcallers(plugin) or [])
         item.role = role_of(plugin)
-        item.ok = True
     except KeyboardInterrupt:
         raise
     except BaseException as exc:  # a broken plugin must not break the listing
+        _record_error(item, exc)
+        return
+    try:
+        with contextlib.redirect_stdout(sys.stderr), _without_env("TORCHPLUG_PLUGINS"):
+            trainer_accepts(plugin)
+    except KeyboardInterrupt:
+        raise
+    except (MisconfigurationError, PluginError) as exc:
         item.ok = False
-        item.error = f"{type(exc).__name__}: {exc}"
-        cause = exc.__cause__
-        if cause is not None:
-            item.error += f"\ncaused by {type(cause).__name__}: {cause}"
-        item.error_traceback = "".join(traceback.format_exception(cause or exc))
+        item.refused = f"{type(exc).__name__}: {exc}"
+        return
+    except BaseException as exc:
+        _record_error(item, exc)
+        return
+    item.ok = True
+
+
+def trainer_accepts(plugin: object) -> None:
+    """Build the Trainer a user selecting ``plugin`` by name gets (nothing else loaded, no
+    files written): the plugin's ``check_configuration`` runs and raises what it refuses."""
+    from torchplug.trainer import Trainer
+
+    Trainer(plugins=[plugin], autoload_plugins=False, logger=False, enable_checkpointing=False,
+            enable_progress_bar=False)
+
+
+@contextlib.contextmanager
+def _without_env(name: str) -> Any:
+    value = os.environ.pop(name, None)
+    try:
+        yield
+    finally:
+        if value is not None:
+            os.environ[name] = value
+
+
+def _record_error(item: PluginStatus, exc: BaseException) -> None:
+    item.ok = False
+    item.error = f"{type(exc).__name__}: {exc}"
+    cause = exc.__cause__
+    if cause is not None:
+        item.error += f"\ncaused by {type(cause).__name__}: {cause}"
+    item.error_traceback = "".join(traceback.format_exception(cause or exc))
 
 
 def requirements(statuses: list[PluginStatus]) -> list[str]:
@@ -157,6 +202,8 @@ def format_check(statuses: list[PluginStatus]) -> str:
         elif s.ok:
             role = f"role {s.role}, " if s.role else ""
             lines.append(f"{head} ok, {role}hooks: {', '.join(s.hooks) or 'none'}")
+        elif s.refused:
+            lines.append(f"{head} REFUSED by a Trainer on this machine\n    " + s.refused.replace("\n", "\n    "))
         else:
             lines.append(f"{head} FAILED\n    " + (s.error or "").replace("\n", "\n    "))
     return "\n".join(lines)
@@ -166,6 +213,10 @@ def run(args: argparse.Namespace) -> int:
     statuses = collect()
     if args.requirements:
         env = environment()
+        if args.json:
+            print(json.dumps({**env, "requirements": requirements(statuses)},
+                             indent=2 if sys.stdout.isatty() else None))
+            return 0
         print(f"# torchplug plugins in {env['prefix']} (torchplug {env['torchplug']})")
         for line in requirements(statuses):
             print(line)
@@ -194,19 +245,23 @@ def run(args: argparse.Namespace) -> int:
 
 def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> argparse.ArgumentParser:
     """Register the ``plugins`` subcommand on the ``torchplug`` command's subparsers."""
+    from torchplug.cli import plain_text
+
     parser = subparsers.add_parser(
         "plugins",
         help="list installed plugins (metadata only; --check imports them)",
-        description=__doc__,
+        description=plain_text(__doc__),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     mode = parser.add_mutually_exclusive_group()
     mode.add_argument("--check", action="store_true",
-                      help="import each plugin (blocked ones excepted) and report its hooks and role, "
-                           "or its import error; exit 1 if any failed")
+                      help="import each plugin (blocked ones excepted), report its hooks and role, and whether a "
+                           "Trainer with it accepts it on this machine, or the error; exit 1 if any failed or was "
+                           "refused")
     mode.add_argument("--requirements", action="store_true",
                       help="print the plugin distributions as pip requirement lines (dist==version)")
-    parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    parser.add_argument("--json", action="store_true",
+                        help="print JSON instead of a table (with --requirements: a JSON list); stdout holds only it")
     parser.set_defaults(run=run)
     return parser
 

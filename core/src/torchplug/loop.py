@@ -22,7 +22,6 @@ Ctrl-C (:mod:`torchplug.signals`) takes effect at the end of the current optimiz
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Callable
 from contextlib import nullcontext
 from pathlib import Path
@@ -41,6 +40,7 @@ from torchplug.outputs import RunOutputs
 from torchplug.prepare import Prepared, StepModule
 from torchplug.signals import StopRequest
 from torchplug.state import Position, RunState, training_state
+from torchplug.utils import warn_at_caller
 
 if TYPE_CHECKING:
     from torchplug.trainer import Trainer
@@ -194,10 +194,10 @@ class FitLoop:
         discarded rather than leaked into the next epoch."""
         if self.batches.length() is None:
             return
-        warnings.warn(
+        warn_at_caller(
             f"The training loader of epoch {epoch} ended after {self.state.batch_in_epoch} of the "
             f"{self.batches.length()} batches its len() announced; the incomplete accumulation window was discarded.",
-            RuntimeWarning, stacklevel=2,
+            RuntimeWarning,
         )
         for optimizer in self.optimizers:
             optimizer.zero_grad(set_to_none=True)

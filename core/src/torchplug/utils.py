@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import sys
+from types import FrameType
 from typing import Any
 
 import torch
@@ -80,3 +81,33 @@ def pid_alive(pid: int) -> bool:
     except PermissionError:  # exists, owned by someone else
         return True
     return True
+
+
+#: Module-name prefixes of frames that are never "the user's line" for a warning.
+_INTERNAL_MODULES = ("torchplug", "pluggy")
+
+
+def _internal_frame(module: str) -> bool:
+    # torchplug and its subpackages, the first-party plugins (torchplug_ddp, ...), third-party
+    # plugins named like the template (torchplug_<name>), and pluggy's hook dispatch.
+    return module.startswith(_INTERNAL_MODULES)
+
+
+def caller_stacklevel() -> int:
+    """The ``stacklevel`` for a ``warnings.warn`` call made by the caller of this function that
+    points at the first frame outside torchplug, its plugins and pluggy: the user's line (their
+    ``trainer.fit(...)``, or their ``training_step``). 2 when every frame is internal."""
+    frame: FrameType | None = sys._getframe(1)  # the frame that calls warnings.warn: stacklevel 1
+    level = 1
+    while frame is not None and _internal_frame(frame.f_globals.get("__name__", "") or ""):
+        frame = frame.f_back
+        level += 1
+    return level if frame is not None else 2
+
+
+def warn_at_caller(message: str | Warning, category: type[Warning] = UserWarning) -> None:
+    """``warnings.warn(message, category)`` pointing at the user's line instead of torchplug's or a
+    plugin's (see :func:`caller_stacklevel`). For warnings about what the user passed or did."""
+    import warnings
+
+    warnings.warn(message, category, stacklevel=caller_stacklevel())

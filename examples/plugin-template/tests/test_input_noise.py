@@ -1,9 +1,9 @@
-"""Tests of the input-noise plugin, using torchplug's testing kit.
+"""Tests of the input_noise plugin, using torchplug's testing kit.
 
 The fixtures ``register_plugin``, ``hook_recorder``, ``tiny_module`` and ``tiny_loader`` come
 from torchplug's pytest plugin (installed with torchplug); ``PluginContract`` is the
-conformance suite every plugin passes. Run after installing this project (``pip install -e .``):
-the entry-point tests need its metadata.
+conformance suite every plugin passes. Run them after installing this project with its test
+extra (README.md, "Set up, test, build"): the entry-point tests need its metadata.
 """
 
 from __future__ import annotations

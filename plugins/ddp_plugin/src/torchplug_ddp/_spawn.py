@@ -7,6 +7,11 @@ path of a ``FileStore`` in that folder (no TCP port is ever chosen), and runs it
 ``torch.save``\\ s its :class:`~torchplug.FitOutcome` there; a worker that raises writes its
 exception and traceback there and exits with code 1.
 
+A script that calls ``fit`` at import time, without an ``if __name__ == "__main__":`` guard,
+would call it again in every worker: spawn re-imports the main script there. The worker sees
+that it is still starting (multiprocessing's bootstrap) when ``fit`` asks for workers, reports
+:class:`MainGuardError` (the two-line fix) and exits; the launcher raises it first.
+
 The parent watches the processes' sentinels. The first rank to die is the cause; the others
 normally fail within moments (a gloo peer disappearing breaks their collectives) and are given
 ``grace_s`` (the process-group timeout) before they are terminated, so the parent never hangs.
@@ -42,6 +47,11 @@ STORE_ENV = "TORCHPLUG_DDP_FILESTORE"
 
 log = logging.getLogger("torchplug_ddp")
 
+#: The run folder, set in the launcher while it starts workers: a worker that fails while it is
+#: still starting (re-importing the main script) reports there.
+RUN_DIR_ENV = "TORCHPLUG_DDP_RUN_DIR"
+_PROCESS_NAME = "torchplug-ddp-rank"
+
 _PAYLOAD = "function.pkl"
 _OUTCOME = "outcome.pt"
 
@@ -61,6 +71,61 @@ class WorkerFailedError(TorchplugError, RuntimeError):
         self.exception = exception
 
 
+class MainGuardError(MisconfigurationError):
+    """``fit`` ran again in a spawned worker while it re-imported the main script: the script
+    calls ``fit`` at import time, without an ``if __name__ == "__main__":`` guard."""
+
+
+def main_guard_message(nprocs: int | None = None) -> str:
+    """What happened and the two-line fix, naming the script and the line that called fit."""
+    main = sys.modules.get("__mp_main__") or sys.modules.get("__main__")
+    script = getattr(main, "__file__", None) or "your script"
+    call, code = "", ""
+    for frame in reversed(traceback.extract_stack()):
+        if script != "your script" and os.path.abspath(frame.filename) == os.path.abspath(script):
+            code = (frame.line or "").strip()
+            call = f"line {frame.lineno}: {code}"
+            break
+    what = f"devices={nprocs}" if nprocs else "devices=N"
+    shown = f"{script}, {call}" if call else script
+    fit_line = code if code.endswith(")") and "fit(" in code else "trainer.fit(...)"
+    return (
+        f"DDPPlugin (torchplug-ddp): {shown} calls Trainer.fit when the script is imported. {what} starts "
+        "worker processes with multiprocessing, and each worker imports the main script again, so every "
+        "worker called fit again instead of training. Put the fit call under a main guard:\n\n"
+        '    if __name__ == "__main__":\n'
+        f"        {fit_line}\n\n"
+        "(indent the fit call, and what uses its results, under that line; classes, functions and data may "
+        "stay at module level)."
+    )
+
+
+def _bootstrapping() -> bool:
+    """True while this process is a spawned child still importing the main script (multiprocessing
+    sets ``_inheriting`` for that phase; ``Process.start`` would refuse to run then)."""
+    return bool(getattr(multiprocessing.current_process(), "_inheriting", False))
+
+
+def _refuse_unguarded_main(nprocs: int) -> None:
+    """Called by ``run_workers`` in a spawned child that is still starting: the main script calls
+    fit at import. Report it to the launcher (the run folder is in the environment) and leave
+    quietly; elsewhere, raise it."""
+    error = MainGuardError(main_guard_message(nprocs))
+    run_dir = os.environ.get(RUN_DIR_ENV)
+    name = multiprocessing.current_process().name
+    if run_dir and name.startswith(_PROCESS_NAME) and name[len(_PROCESS_NAME):].isdigit():
+        rank = int(name[len(_PROCESS_NAME):])
+        try:
+            _write_report(Path(run_dir), rank, error)
+        except OSError:
+            raise error from None
+        print(f"torchplug-ddp: worker rank {rank} stopped: the main script calls fit without an "
+              "`if __name__ == \"__main__\":` guard (the launcher reports it).", file=sys.stderr, flush=True)
+        sys.stdout.flush()
+        os._exit(1)
+    raise error
+
+
 @dataclass
 class _Failure:
     rank: int
@@ -77,9 +142,17 @@ class _Failure:
         return any(mark in text for mark in ("DistBackendError", "DistNetworkError", "Connection closed by peer",
                                              "Connection reset by peer", "Broken pipe"))
 
-    def describe(self) -> str:
+    @property
+    def main_guard(self) -> bool:
+        return self.report is not None and self.report["type"].endswith("MainGuardError")
+
+    def describe(self, same_as: _Failure | None = None) -> str:
         where = f"rank {self.rank} (pid {self.pid})"
         if self.report is not None:
+            if same_as is not None and same_as.report is not None \
+                    and (same_as.report["type"], same_as.report["message"]) == (self.report["type"],
+                                                                               self.report["message"]):
+                return f"{where} raised the same {self.report['type']}"
             return f"{where} raised {self.report['type']}: {self.report['message']}"
         if self.exitcode is not None and self.exitcode < 0:
             try:
@@ -87,6 +160,13 @@ class _Failure:
             except ValueError:
                 name = f"signal {-self.exitcode}"
             return f"{where} was killed by {name}"
+        if self.exitcode == 1:
+            # Python's status for an uncaught exception: torchplug's worker code reports every
+            # exception it sees, so this one came before it ran (while multiprocessing started the
+            # worker and imported the main script again), or from os._exit(1).
+            return (f"{where} exited with code 1 before torchplug's worker code could report an exception: it "
+                    "failed while multiprocessing started it and imported the main script again (its traceback "
+                    "is on stderr above), or called os._exit(1)")
         return (f"{where} exited with code {self.exitcode} without a Python exception "
                 "(os._exit, a crash in native code, or the out-of-memory killer)")
 
@@ -94,24 +174,46 @@ class _Failure:
 def run_workers(function: Callable[[], Any], nprocs: int, *, start_method: str, grace_s: float,
                 threads_per_worker: int | None) -> Any:
     """Run ``function`` in ``nprocs`` new processes and return what rank 0's call returned."""
+    if _bootstrapping():
+        _refuse_unguarded_main(nprocs)
     run_dir = Path(tempfile.mkdtemp(prefix="torchplug-ddp-"))
     procs: list[multiprocessing.process.BaseProcess] = []
     try:
         _write_payload(function, run_dir / _PAYLOAD)
         context: Any = multiprocessing.get_context(start_method)
-        for rank in range(nprocs):
-            proc = context.Process(
-                target=_worker, args=(rank, nprocs, str(run_dir), os.getpid(), threads_per_worker),
-                name=f"torchplug-ddp-rank{rank}",
-            )
-            proc.start()
-            procs.append(proc)
+        with _environment(RUN_DIR_ENV, str(run_dir)):
+            for rank in range(nprocs):
+                proc = context.Process(
+                    target=_worker, args=(rank, nprocs, str(run_dir), os.getpid(), threads_per_worker),
+                    name=f"{_PROCESS_NAME}{rank}",
+                )
+                try:
+                    proc.start()
+                except RuntimeError as exc:
+                    if "bootstrapping phase" in str(exc):  # multiprocessing's own check, in a starting child
+                        raise MainGuardError(main_guard_message(nprocs)) from exc
+                    raise
+                procs.append(proc)
         with _sigterm_stops_workers(procs):
             _watch(procs, run_dir, grace_s)
         return torch.load(run_dir / _OUTCOME, weights_only=False)  # our own file, written by rank 0
     finally:
         _stop(procs, wait_s=max(5.0, grace_s))
         shutil.rmtree(run_dir, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def _environment(name: str, value: str) -> Iterator[None]:
+    """``os.environ[name] = value`` while the workers start (spawned children inherit it)."""
+    before = os.environ.get(name)
+    os.environ[name] = value
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = before
 
 
 @contextlib.contextmanager
@@ -188,16 +290,21 @@ def _watch(procs: list[multiprocessing.process.BaseProcess], run_dir: Path, grac
 
 def _failure_error(failures: list[_Failure], still_running: list[int], nprocs: int,
                    grace_s: float) -> WorkerFailedError:
-    failures = sorted(failures, key=lambda f: f.secondary)  # stable: a cause seen a moment later goes first
+    # Stable: a cause seen a moment later goes first; a missing main guard before anything else.
+    failures = sorted(failures, key=lambda f: (not f.main_guard, f.secondary))
     first = failures[0]
-    lines = [f"DDPPlugin (torchplug-ddp): worker {first.describe()}; the run of {nprocs} processes stopped."]
+    if first.main_guard and first.report is not None:
+        lines = [f"{first.report['message']}\n\nworker rank {first.rank} (pid {first.pid}) stopped; the run of "
+                 f"{nprocs} processes did not start training."]
+    else:
+        lines = [f"DDPPlugin (torchplug-ddp): worker {first.describe()}; the run of {nprocs} processes stopped."]
     for other in failures[1:]:
-        lines.append(f"  then {other.describe()}")
+        lines.append(f"  then {other.describe(same_as=first)}")
     if still_running:
         ranks = ", ".join(map(str, still_running))
         lines.append(f"  rank(s) {ranks} still running {grace_s:g} s later (the process-group timeout) were terminated")
     exception = None
-    if first.report is not None:
+    if first.report is not None and not first.main_guard:
         lines.append(f"\nTraceback on rank {first.rank}:\n{first.report['traceback'].rstrip()}")
         if first.report["pickled"] is not None:
             try:

@@ -25,7 +25,7 @@ from torch import nn
 from torch.optim import Optimizer
 
 from torchplug import CheckpointError, MisconfigurationError, Plugin
-from torchplug.utils import optimizer_params
+from torchplug.utils import optimizer_params, warn_at_caller
 
 if TYPE_CHECKING:
     from torchplug.trainer import Trainer
@@ -239,11 +239,10 @@ class NativeAMPPlugin(Plugin):
             return
         state = checkpoint.get(CHECKPOINT_KEY)
         if not state:
-            warnings.warn(
+            warn_at_caller(  # the user's fit(ckpt_path=...) line, not the hook dispatch
                 f"NativeAMPPlugin: the checkpoint has no GradScaler state (key {CHECKPOINT_KEY!r}; saved by a run "
                 f"without fp16 native AMP?), so the loss scale starts again from init_scale={self.init_scale}.",
                 UserWarning,
-                stacklevel=2,
             )
             return
         try:
