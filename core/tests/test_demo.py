@@ -54,7 +54,6 @@ def test_demo_reaches_95_percent_and_plots_the_losses(tmp_path: Path) -> None:
     assert ",train_loss," in metrics
     assert ",val_loss," in metrics
     assert ",val_acc," in metrics
-    assert seconds < 30, f"the demo took {seconds:.1f} s"
 
 
 USER_MODULE = '''

@@ -48,7 +48,6 @@ def test_the_venv_runs_the_installed_wheels(plugin_env: PluginEnv) -> None:
     assert core.is_relative_to(plugin_env.site_packages), core  # the core wheel, not the source tree
     assert plugin.is_relative_to(plugin_env.site_packages), plugin
     assert not torch_file.is_relative_to(plugin_env.site_packages)  # torch is shared, not installed
-    assert plugin_env.build_seconds < 60
 
 
 @pytest.mark.slow

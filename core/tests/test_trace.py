@@ -23,7 +23,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from torchplug import Plugin, Trainer, TrainingModule, hookcalls, hookimpl, hookspecs
+from torchplug import Plugin, Trainer, TrainingModule, hookimpl, hookspecs, trace
 from torchplug.hookcalls import Hooks
 from torchplug.manager import get_plugin_manager
 from torchplug.testing.models import TinyMLP, tiny_loader
@@ -329,7 +329,7 @@ def test_close_trace_is_idempotent_and_later_calls_are_added(tmp_path: Path) -> 
 
 
 def test_other_ranks_write_their_own_file(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    monkeypatch.setattr(hookcalls, "_dist_rank", lambda: 2)
+    monkeypatch.setattr(trace, "_dist_rank", lambda: 2)
     hooks = Hooks(get_plugin_manager(autoload=False, env={}), trace=str(tmp_path / "t.json"))
     hooks.world_size()
     assert hooks.close_trace() == tmp_path / "t.rank2.json"
@@ -360,14 +360,14 @@ class BarrierAtEpochEnd(Plugin):
 
 @pytest.mark.usefixtures("one_rank_group")
 def test_json_trace_counts_collectives_issued_in_a_hook(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    originals = {name: getattr(dist, name) for name in hookcalls.COLLECTIVES}
+    originals = {name: getattr(dist, name) for name in trace.COLLECTIVES}
     path = tmp_path / "t.json"
     monkeypatch.setenv("TORCHPLUG_TRACE", str(path))
     trainer = _trainer(max_epochs=2, plugins=[BarrierAtEpochEnd()], default_root_dir=tmp_path)
     assert dist.barrier is not originals["barrier"]  # counting while the trace is open
     trainer.fit(TinyMLP(), tiny_loader(n=16))
     assert trainer.hooks.close_trace() == path  # rank 0 writes exactly `path`
-    assert {name: getattr(dist, name) for name in hookcalls.COLLECTIVES} == originals  # restored
+    assert {name: getattr(dist, name) for name in trace.COLLECTIVES} == originals  # restored
 
     spans = _spans(path)
     epoch_ends = [span for span in spans if span["name"] == "on_train_epoch_end"]

@@ -62,11 +62,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
 
 
-def _lazy(name: str) -> Callable[[argparse.Namespace], int]:
-    """A command that imports torchplug.demo (and so torch) only when it runs."""
+def _lazy(name: str, module: str = "torchplug.demo") -> Callable[[argparse.Namespace], int]:
+    """A command that imports its module (and so torch) only when it runs."""
 
     def run(args: argparse.Namespace) -> int:
-        return int(getattr(importlib.import_module("torchplug.demo"), name)(args))
+        return int(getattr(importlib.import_module(module), name)(args))
 
     return run
 
@@ -91,7 +91,7 @@ def add_parsers(subparsers: Any) -> None:
     )
     fit.add_argument("target", metavar="package.module:Class", help="the TrainingModule class to train")
     _add_run_options(fit, default_epochs=None)
-    fit.set_defaults(run=_lazy("run_fit"))
+    fit.set_defaults(run=_lazy("run_fit", "torchplug.fitcmd"))
 
 
 def _add_run_options(parser: argparse.ArgumentParser, default_epochs: int | None) -> None:

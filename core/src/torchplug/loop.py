@@ -300,6 +300,7 @@ class FitLoop:
         if self.model is self.module:
             return False
         self.model = self.module
+        self._training_step = cast(StepModule, self.module).training_step  # it called the wrapper
         return True
 
 

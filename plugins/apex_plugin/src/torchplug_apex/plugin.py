@@ -45,6 +45,7 @@ from torch import nn
 from torch.optim import Optimizer
 
 from torchplug import CheckpointError, MisconfigurationError, Plugin
+from torchplug.utils import warn_at_caller
 from torchplug_apex._detect import DISTRIBUTION, ApexUnavailableError, load_amp
 
 if TYPE_CHECKING:
@@ -72,11 +73,10 @@ def _warn_deprecated_once() -> None:
     if _warned_deprecated or os.environ.get("RANK", "0") != "0":
         return
     _warned_deprecated = True
-    warnings.warn(
+    warn_at_caller(
         "NVIDIA apex amp is deprecated upstream (since October 2022: 'Use PyTorch AMP') and was removed in apex 25.07; "
         "torchplug-apex targets apex <= 25.05. Prefer native AMP: Trainer(precision=16) with torchplug-native-amp.",
         ApexAmpDeprecationWarning,
-        stacklevel=2,
     )
 
 
@@ -290,11 +290,10 @@ class ApexPlugin(Plugin):
             )
         state = checkpoint.get(CHECKPOINT_KEY)
         if not state:
-            warnings.warn(
+            warn_at_caller(
                 f"ApexPlugin: the checkpoint has no apex amp state (key {CHECKPOINT_KEY!r}; saved by a run without "
                 "apex?), so the loss scale starts again from apex's initial value.",
                 UserWarning,
-                stacklevel=2,
             )
             return
         try:
