@@ -139,7 +139,9 @@ class Recorder(DDPPlugin):
         }
         # The run's internals (this test plugin inspects them on purpose; shipped plugins may not).
         run = trainer._run
-        assert run is not None and run.loop is not None and run.outputs is not None
+        assert run is not None
+        assert run.loop is not None
+        assert run.outputs is not None
         loop, outputs = run.loop, run.outputs
         sampler = getattr(loop.batches.loader, "sampler", None)
         self.seen.update({
