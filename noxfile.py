@@ -20,6 +20,7 @@ import importlib.metadata
 import importlib.util
 import shutil
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from types import ModuleType
 
@@ -193,14 +194,27 @@ def build_wheels(session: nox.Session) -> None:
     shutil.rmtree(work, ignore_errors=True)
     for project in PROJECTS.values():
         copy = work / project.name
-        shutil.copytree(project, copy, ignore=shutil.ignore_patterns(
-            "build", "dist", "*.egg-info", "__pycache__", ".pytest_cache", "tests"))
+        shutil.copytree(project, copy, ignore=_ignore_in_build_copy(project))
         pip(session, "wheel", "--quiet", "--no-deps", "--no-build-isolation", "--no-index", "--wheel-dir", str(DIST),
             str(copy))
     built = sorted(p.name for p in DIST.glob("torchplug*.whl"))
     session.log(f"dist/: {', '.join(built)}")
     if len(built) != len(PROJECTS):
         session.error(f"expected {len(PROJECTS)} wheels in dist/, got {built}")
+
+
+def _ignore_in_build_copy(project: Path) -> Callable[[str, list[str]], set[str]]:
+    """What a wheel build copy leaves out: build outputs anywhere, and the project's own tests/
+    (only at its root: the core ships a templates/plugin/tests/ folder as package data)."""
+    outputs = shutil.ignore_patterns("build", "dist", "*.egg-info", "__pycache__", ".pytest_cache")
+
+    def ignore(folder: str, names: list[str]) -> set[str]:
+        ignored = set(outputs(folder, names))
+        if Path(folder) == project:
+            ignored |= {"tests"} & set(names)
+        return ignored
+
+    return ignore
 
 
 @nox.session(**VENV)
