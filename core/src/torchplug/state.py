@@ -51,6 +51,17 @@ class RunState:
         self.epoch_rng = data.get("epoch_rng_states")
 
 
+def resume_point(data: Mapping[str, Any]) -> str:
+    """Where a checkpoint resumes, in words: ``"epoch 2, batch 3, global step 17"``."""
+    return (f"epoch {int(data['epoch'])}, batch {int(data.get('batch_in_epoch', 0))}, "
+            f"global step {int(data['global_step'])}")
+
+
+def already_finished(data: Mapping[str, Any], max_epochs: int | None, max_steps: int) -> bool:
+    """Whether a run resumed from ``data`` would train nothing (the loop's own stopping rule)."""
+    return (max_epochs is not None and int(data["epoch"]) >= max_epochs) or 0 < max_steps <= int(data["global_step"])
+
+
 @dataclass
 class Position:
     """What the run is doing, for the note an exception gets: ``"train"``/``"validation"`` and the

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import os
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -18,6 +19,7 @@ from torchplug.manager import PluginManager, get_plugin_manager
 from torchplug.plugin import Role
 from torchplug.prepare import check_module, resolve_loaders
 from torchplug.run import FitOutcome, FitRun, validate_only
+from torchplug.state import already_finished, resume_point
 
 PRECISIONS = {32: "32", "32": "32", 16: "16", "16": "16", "16-mixed": "16", "bf16": "bf16", "bf16-mixed": "bf16"}
 AMP_BACKENDS = ("native", "apex")
@@ -248,6 +250,10 @@ class Trainer:
             # Read and match against the model before any work: a bad file fails here.
             resume = ckpt.load(ckpt_path, weights_only=self.checkpoint_weights_only)
             ckpt.check_matches(resume, model, ckpt_path)
+            if already_finished(resume, self.max_epochs, self.max_steps):
+                self._finished_already(model, resume, ckpt_path)
+                return
+            _say(f"torchplug: resuming from {ckpt_path} at {resume_point(resume)}")
         function = functools.partial(self._fit_in_process, model, train_loader, val_loader, resume)
         try:
             outcome: FitOutcome = self.hooks.launch(trainer=self, function=function)
@@ -259,6 +265,20 @@ class Trainer:
         self.log_dir = outcome.log_dir
         self.checkpoint_path = outcome.checkpoint_path
         self.model = model
+
+    def _finished_already(self, model: nn.Module, resume: dict[str, Any], path: str | os.PathLike[str]) -> None:
+        """A resume from a checkpoint where the run already ends: say so, hand back its weights
+        and counters, and start nothing (no process, no run folder, no file written)."""
+        limits = f"max_epochs={self.max_epochs}" if self.max_steps == -1 else \
+            f"max_epochs={self.max_epochs}, max_steps={self.max_steps}"
+        _say(f"torchplug: {path} is at {resume_point(resume)}, where this run ends ({limits}): nothing to train, "
+             "nothing written. Raise max_epochs/max_steps to train on.")
+        model.load_state_dict(resume["state_dict"])
+        self._run = None
+        self._outcome = FitOutcome(
+            global_step=int(resume["global_step"]), current_epoch=int(resume["epoch"]),
+            callback_metrics=dict(resume.get("callback_metrics", {})), log_dir=None, checkpoint_path=str(path))
+        self.log_dir, self.checkpoint_path, self.model = None, str(path), model
 
     def _fit_in_process(self, model: nn.Module, train_loader: Any, val_loader: Any,
                         resume: dict[str, Any] | None) -> FitOutcome:
@@ -307,6 +327,12 @@ class Trainer:
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__init__(**state["init_args"])  # type: ignore[misc]
         self.launched_copy = True
+
+
+def _say(message: str) -> None:
+    """A line for the user on stderr, from the launching process or global rank 0 only."""
+    if os.environ.get("RANK", "0") == "0":
+        print(message, file=sys.stderr, flush=True)
 
 
 def _check_type(name: str, value: Any, types: type | tuple[type, ...]) -> Any:
