@@ -3,18 +3,28 @@
 ``FitLoop.train`` is the loop, in execution order; every hook is called on the line where its
 step happens. An epoch is a sequence of accumulation windows (:mod:`torchplug.data`)::
 
-    on_train_epoch_start
+    on_fit_start → on_train_start
+    per epoch: on_epoch_start → on_train_epoch_start
     per window, per micro-batch:
-        on_before_forward → [block_backward_sync, entered unless last of the window]
-            → forward_context → training_step → backward(loss / window length, sync_gradients)
+        on_train_batch_start → on_before_forward → [block_backward_sync, entered unless last of the window]
+            → forward_context → training_step → on_before_backward
+            → backward(loss / window length, sync_gradients) → on_after_backward
         at the window's last micro-batch, the optimizer step:
             per optimizer: unscale_gradients → on_before_optimizer_step
                 → clip_gradients (gradient_clip_val > 0)
-            → optimizer_step (may be skipped) → zero_grad(set_to_none=True)
+            → optimizer_step (may be skipped) → per optimizer: on_before_zero_grad → zero_grad(set_to_none=True)
             → LR schedulers (interval "step"; not after a skipped step)
         → on_train_batch_end
-    on_train_epoch_end → validation (on_validation_end) → LR schedulers (interval "epoch")
-        → last.ckpt (on_save_checkpoint)
+    training_epoch_end(outputs) → on_train_epoch_end → on_epoch_end
+    → validation: on_validation_start → on_validation_epoch_start
+        → per batch: on_validation_batch_start → on_before_forward → forward_context → validation_step
+          → on_validation_batch_end
+        → validation_epoch_end(outputs) → on_validation_epoch_end → reduce → on_validation_end
+    → LR schedulers (interval "epoch") → last.ckpt (collect_state → on_save_checkpoint)
+    after the last epoch: on_train_end → on_fit_end
+
+The user's module implements these hooks like any plugin and runs after the plugins
+(:mod:`torchplug.modulehooks`).
 
 Counters live in the run's :class:`torchplug.state.RunState`. A stop requested by SIGTERM or
 Ctrl-C (:mod:`torchplug.signals`) takes effect at the end of the current optimizer step.
@@ -67,6 +77,8 @@ class FitLoop:
         self.batches = EpochBatches(parts.train_loader, trainer.limit_train_batches, state, position)
         self.losses = LossCheck(trainer.on_nonfinite_loss, parts.device)
         self._saved_at: tuple[int, int, int] | None = None
+        #: what this epoch's training steps returned, while someone implements training_epoch_end
+        self.epoch_outputs: list[Any] | None = None
         self._training_step: Callable[..., Any] = cast(StepModule, self.module).training_step
 
     # -- the loop ----------------------------------------------------------------------------
@@ -76,8 +88,11 @@ class FitLoop:
         # A wrapper from configure_ddp runs training_step itself (inside DDP's forward).
         self._training_step = cast(StepModule, self.module).training_step if model is self.module else model
         hooks.on_fit_start(trainer=trainer, model=self.module)
+        hooks.on_train_start(trainer=trainer)
         while not self.finished():
             epoch = state.epoch
+            self.epoch_outputs = [] if "training_epoch_end" in hooks.implemented else None
+            hooks.on_epoch_start(trainer=trainer)
             hooks.on_train_epoch_start(trainer=trainer, epoch=epoch)
             self.outputs.progress.start_epoch(epoch, self.batches.length(), initial=state.batch_in_epoch)
             model.train()
@@ -85,6 +100,7 @@ class FitLoop:
             window: Window | None = None
             for window in self.batches.windows(epoch, accumulate):
                 for batch_idx, batch, is_last in window:
+                    hooks.on_train_batch_start(trainer=trainer, batch=batch, batch_idx=batch_idx)
                     args = hooks.on_before_forward(model=model, args=(batch, batch_idx))
                     with nullcontext() if is_last else hooks.block_backward_sync(model=model):
                         output = self._forward_backward(args, batch_idx, epoch, window, is_last)
@@ -113,9 +129,13 @@ class FitLoop:
         with hooks.forward_context(model=model):
             output = self._training_step(*args)
         loss = _loss_of(output, batch_idx, epoch)
+        if self.epoch_outputs is not None:
+            self.epoch_outputs.append(epoch_output(output))
         if self.losses.admits(loss, epoch, batch_idx, self.state.global_step):
-            hooks.backward(loss=loss / window.length if window.length > 1 else loss, optimizers=self.optimizers,
-                           model=model, sync_gradients=is_last)
+            loss = loss / window.length if window.length > 1 else loss
+            hooks.on_before_backward(trainer=self.trainer, loss=loss)
+            hooks.backward(loss=loss, optimizers=self.optimizers, model=model, sync_gradients=is_last)
+            hooks.on_after_backward(trainer=self.trainer)
             window.backwards += 1
         return output
 
@@ -133,6 +153,7 @@ class FitLoop:
                     hooks.clip_gradients(grad_clip_val=clip, optimizer=optimizer, norm_type=norm_type)
             stepped = hooks.optimizer_step(optimizers=self.optimizers)
             for optimizer in self.optimizers:
+                hooks.on_before_zero_grad(trainer=trainer, optimizer=optimizer)
                 optimizer.zero_grad(set_to_none=True)
         if stepped:
             for sched in self.schedulers:
@@ -148,7 +169,11 @@ class FitLoop:
     def _end_epoch(self, epoch: int) -> None:
         trainer, state = self.trainer, self.state
         self.position.phase = None
+        if self.epoch_outputs is not None:
+            outputs, self.epoch_outputs = self.epoch_outputs, None
+            self.hooks.training_epoch_end(trainer=trainer, outputs=outputs)
         self.hooks.on_train_epoch_end(trainer=trainer, epoch=epoch)
+        self.hooks.on_epoch_end(trainer=trainer)
         self.log_train()
         if self.val_loader is not None and trainer.limit_val_batches != 0 \
                 and (epoch + 1) % trainer.check_val_every_n_epoch == 0:
@@ -175,6 +200,7 @@ class FitLoop:
         self.log_train()
         self.outputs.progress.close()
         self.checkpoint()
+        self.hooks.on_train_end(trainer=self.trainer)
         self.hooks.on_fit_end(trainer=self.trainer, model=self.module)
 
     def finished(self) -> bool:
@@ -212,16 +238,26 @@ class FitLoop:
         limit = trainer.limit_val_batches
         phase = self.position.phase
         self.position.phase, self.position.batch = "validation", 0
+        outputs: list[Any] | None = [] if "validation_epoch_end" in hooks.implemented else None
         try:
+            hooks.on_validation_start(trainer=trainer)
+            hooks.on_validation_epoch_start(trainer=trainer)
             with torch.no_grad():
                 for batch_idx, batch in enumerate(self.val_loader):
                     if limit is not None and batch_idx >= limit:
                         break
                     self.position.batch = batch_idx
+                    hooks.on_validation_batch_start(trainer=trainer, batch=batch, batch_idx=batch_idx)
                     args = hooks.on_before_forward(model=module, args=(batch, batch_idx))
                     with hooks.forward_context(model=module):
-                        step_module.validation_step(*args)
+                        output = step_module.validation_step(*args)
+                    hooks.on_validation_batch_end(trainer=trainer, outputs=output, batch=args[0], batch_idx=batch_idx)
+                    if outputs is not None:
+                        outputs.append(output)
                     self.stop.check()
+                if outputs is not None:
+                    hooks.validation_epoch_end(trainer=trainer, outputs=outputs)
+                hooks.on_validation_epoch_end(trainer=trainer)
         finally:
             values = self.metrics.end_validation()
             module.train(was_training)
@@ -301,6 +337,14 @@ class FitLoop:
             return False
         self.model = self.module
         return True
+
+
+def epoch_output(output: Any) -> Any:
+    """A step's result as ``training_epoch_end`` gets it (Lightning's): a dict with ``"loss"``,
+    its tensors detached so the epoch's graphs are freed."""
+    if isinstance(output, dict):
+        return {k: v.detach() if isinstance(v, torch.Tensor) else v for k, v in output.items()}
+    return {"loss": output.detach()}
 
 
 def _loss_of(output: Any, batch_idx: int, epoch: int) -> torch.Tensor:
