@@ -69,11 +69,13 @@ class HookedNet(torchplug.TrainingModule):
         self.calls.append("on_train_epoch_end")
 
     def on_train_batch_start(self, batch: Any, batch_idx: int, dataloader_idx: int) -> None:
-        assert dataloader_idx == 0 and len(batch) == 2
+        assert dataloader_idx == 0
+        assert len(batch) == 2
         self.calls.append(f"on_train_batch_start:{batch_idx}")
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int, dataloader_idx: int) -> None:
-        assert outputs["n"] == 8 and dataloader_idx == 0
+        assert outputs["n"] == 8
+        assert dataloader_idx == 0
         self.calls.append(f"on_train_batch_end:{batch_idx}")
 
     def on_before_backward(self, loss: torch.Tensor) -> None:
@@ -216,9 +218,10 @@ REFUSED = {
     "setpu": "Did you mean 'setup'",
     "on_something_else": "torchplug has no module hook 'on_something_else'",
     # Lightning hooks torchplug does not call
-    **{name: "a Lightning hook that torchplug does not call" for name in (
+    **dict.fromkeys((
         "on_pretrain_routine_start", "tbptt_split_batch", "on_hpc_save", "on_train_dataloader", "backward",
-        "transfer_batch_to_device", "training_step_end", "get_progress_bar_dict", "configure_ddp")},
+        "transfer_batch_to_device", "training_step_end", "get_progress_bar_dict", "configure_ddp"),
+        "a Lightning hook that torchplug does not call"),
     # plugin hooks on the module
     "clip_gradients": "is a plugin hook",
     "on_before_forward": "is a plugin hook",
