@@ -46,6 +46,14 @@ from torchplug.errors import MisconfigurationError
 from torchplug.losscheck import LossCheck
 from torchplug.metrics import to_floats
 from torchplug.module import MetricStore
+from torchplug.optimization import (
+    StepOptimizer,
+    call_optimizer_step,
+    call_optimizer_zero_grad,
+    overrides,
+    takes_optimizer_idx,
+    toggled,
+)
 from torchplug.outputs import RunOutputs
 from torchplug.prepare import Prepared, StepModule
 from torchplug.signals import StopRequest
@@ -80,6 +88,15 @@ class FitLoop:
         #: what this epoch's training steps returned, while someone implements training_epoch_end
         self.epoch_outputs: list[Any] | None = None
         self._training_step: Callable[..., Any] = cast(StepModule, self.module).training_step
+        module = self.module
+        self.manual = not getattr(module, "automatic_optimization", True)
+        self.per_optimizer = not self.manual and len(self.optimizers) > 1 \
+            and takes_optimizer_idx(cast(StepModule, module).training_step)
+        self.custom_step = overrides(module, "optimizer_step")
+        self.custom_zero_grad = overrides(module, "optimizer_zero_grad")
+        #: what self.optimizers() gives a manually optimizing module
+        self.step_optimizers = [StepOptimizer(opt, trainer, self.hooks) for opt in self.optimizers]
+        module.__dict__["_torchplug_loop"] = self  # self.optimizers(), self.manual_backward(); run.py detaches it
 
     # -- the loop ----------------------------------------------------------------------------
     def train(self) -> None:
@@ -91,7 +108,9 @@ class FitLoop:
         hooks.on_train_start(trainer=trainer)
         while not self.finished():
             epoch = state.epoch
-            self.epoch_outputs = [] if "training_epoch_end" in hooks.implemented else None
+            self.epoch_outputs = None
+            if "training_epoch_end" in hooks.implemented:
+                self.epoch_outputs = [[] for _ in self.optimizers] if self.per_optimizer else []
             hooks.on_epoch_start(trainer=trainer)
             hooks.on_train_epoch_start(trainer=trainer, epoch=epoch)
             self.outputs.progress.start_epoch(epoch, self.batches.length(), initial=state.batch_in_epoch)
@@ -103,9 +122,7 @@ class FitLoop:
                     hooks.on_train_batch_start(trainer=trainer, batch=batch, batch_idx=batch_idx)
                     args = hooks.on_before_forward(model=model, args=(batch, batch_idx))
                     with nullcontext() if is_last else hooks.block_backward_sync(model=model):
-                        output = self._forward_backward(args, batch_idx, epoch, window, is_last)
-                    if is_last:
-                        self._optimizer_step(window, batch_idx)
+                        output = self._run_batch(args, batch_idx, epoch, window, is_last)
                     hooks.on_train_batch_end(trainer=trainer, outputs=output, batch=args[0], batch_idx=batch_idx)
                     self.outputs.progress.update()
                 if window.open:
@@ -121,46 +138,99 @@ class FitLoop:
             self._end_epoch(epoch)
         self._finish()
 
+    def _run_batch(self, args: tuple[Any, ...], batch_idx: int, epoch: int, window: Window, is_last: bool) -> Any:
+        """One micro-batch, and the optimizer step at the window's end: returns what
+        ``training_step`` returned (a list of one result per optimizer with ``optimizer_idx``)."""
+        if self.manual:
+            with self.hooks.forward_context(model=self.model):
+                output = self._training_step(*args)
+            if self.epoch_outputs is not None and isinstance(output, (torch.Tensor, dict)):
+                self.epoch_outputs.append(epoch_output(output))
+            stepped = all(r for opt in self.step_optimizers for r in opt.results)
+            for opt in self.step_optimizers:
+                opt.results.clear()
+            self._end_step(batch_idx, stepped)
+            return output
+        if not self.per_optimizer:
+            output = self._forward_backward(args, batch_idx, epoch, window, is_last, self.optimizers, None)
+            stepped = self._step_optimizers(window, batch_idx, None) if is_last else False
+            if is_last:
+                self._end_step(batch_idx, stepped)
+            return output
+        # Lightning 1.x: training_step(batch, batch_idx, optimizer_idx) once per optimizer, only its
+        # parameters requiring grad, and that optimizer steps on that loss before the next one runs.
+        outputs, stepped = [], False
+        for index, optimizer in enumerate(self.optimizers):
+            with toggled(self.optimizers, index):
+                outputs.append(self._forward_backward((*args, index), batch_idx, epoch, window, is_last,
+                                                      [optimizer], index))
+                if is_last:
+                    stepped = self._step_optimizers(window, batch_idx, index) or stepped
+        if is_last:
+            self._end_step(batch_idx, stepped)
+        return outputs
+
     def _forward_backward(self, args: tuple[Any, ...], batch_idx: int, epoch: int, window: Window,
-                          is_last: bool) -> Any:
-        """One micro-batch: ``forward_context`` → ``training_step`` → the loss check → ``backward``;
-        returns what ``training_step`` returned."""
+                          is_last: bool, optimizers: list[torch.optim.Optimizer], index: int | None) -> Any:
+        """``forward_context`` → ``training_step`` → the loss check → ``on_before_backward`` →
+        ``backward`` → ``on_after_backward``; returns what ``training_step`` returned."""
         hooks, model = self.hooks, self.model
         with hooks.forward_context(model=model):
             output = self._training_step(*args)
         loss = _loss_of(output, batch_idx, epoch)
         if self.epoch_outputs is not None:
-            self.epoch_outputs.append(epoch_output(output))
+            (self.epoch_outputs if index is None else self.epoch_outputs[index]).append(epoch_output(output))
         if self.losses.admits(loss, epoch, batch_idx, self.state.global_step):
             loss = loss / window.length if window.length > 1 else loss
             hooks.on_before_backward(trainer=self.trainer, loss=loss)
-            hooks.backward(loss=loss, optimizers=self.optimizers, model=model, sync_gradients=is_last)
+            hooks.backward(loss=loss, optimizers=optimizers, model=model, sync_gradients=is_last)
             hooks.on_after_backward(trainer=self.trainer)
             window.backwards += 1
         return output
 
-    def _optimizer_step(self, window: Window, batch_idx: int) -> None:
-        """The window's optimizer step: unscale → ``on_before_optimizer_step`` → clip → step →
-        ``zero_grad`` → step-interval schedulers. A window without any backward takes no step."""
-        trainer, hooks, state = self.trainer, self.hooks, self.state
-        stepped = False
-        if window.backwards:
-            clip, norm_type = trainer.gradient_clip_val, trainer.gradient_clip_norm_type
-            for optimizer in self.optimizers:
-                hooks.unscale_gradients(optimizer=optimizer)
-                hooks.on_before_optimizer_step(trainer=trainer, optimizer=optimizer)
-                if clip > 0:
-                    hooks.clip_gradients(grad_clip_val=clip, optimizer=optimizer, norm_type=norm_type)
-            stepped = hooks.optimizer_step(optimizers=self.optimizers)
-            for optimizer in self.optimizers:
-                hooks.on_before_zero_grad(trainer=trainer, optimizer=optimizer)
+    def _step_optimizers(self, window: Window, batch_idx: int, index: int | None) -> bool:
+        """The window's step of all optimizers (``index`` None) or of one: unscale →
+        ``on_before_optimizer_step`` → clip → step (the hook, or the module's ``optimizer_step``)
+        → ``on_before_zero_grad`` → zero_grad. A window without any backward takes no step."""
+        if not window.backwards:
+            return False
+        trainer, hooks = self.trainer, self.hooks
+        chosen = self.optimizers if index is None else [self.optimizers[index]]
+        clip, norm_type = trainer.gradient_clip_val, trainer.gradient_clip_norm_type
+        for optimizer in chosen:
+            hooks.unscale_gradients(optimizer=optimizer)
+            hooks.on_before_optimizer_step(trainer=trainer, optimizer=optimizer)
+            if clip > 0:
+                hooks.clip_gradients(grad_clip_val=clip, optimizer=optimizer, norm_type=norm_type)
+        indices = range(len(self.optimizers)) if index is None else [index]
+        if self.custom_step:
+            results: list[bool] = []
+            for i in indices:
+                wrapped = StepOptimizer(self.optimizers[i], trainer, hooks, prepared=True)
+                call_optimizer_step(self.module, self.state.epoch, batch_idx, wrapped, i, None,
+                                    trainer.precision != "32")
+                results += wrapped.results
+            stepped = all(results)
+        else:
+            stepped = hooks.optimizer_step(optimizers=chosen)
+        for i in indices:
+            optimizer = self.optimizers[i]
+            hooks.on_before_zero_grad(trainer=trainer, optimizer=optimizer)
+            if self.custom_zero_grad:
+                call_optimizer_zero_grad(self.module, self.state.epoch, batch_idx, optimizer, i)
+            else:
                 optimizer.zero_grad(set_to_none=True)
-        if stepped:
+        return stepped
+
+    def _end_step(self, batch_idx: int, stepped: bool) -> None:
+        """After the window's step: step-interval schedulers (not after a skipped step), counters, logging."""
+        trainer, state = self.trainer, self.state
+        if not stepped:
+            state.skipped_steps += 1
+        elif not self.manual:  # manual optimization steps its schedulers itself (self.lr_schedulers())
             for sched in self.schedulers:
                 if sched.interval == "step":
                     sched.scheduler.step()
-        else:
-            state.skipped_steps += 1
         state.global_step += 1
         state.batch_in_epoch = batch_idx + 1
         if state.global_step % trainer.log_every_n_steps == 0:
@@ -179,7 +249,7 @@ class FitLoop:
                 and (epoch + 1) % trainer.check_val_every_n_epoch == 0:
             self.validate()
         for sched in self.schedulers:
-            if sched.interval != "epoch":
+            if sched.interval != "epoch" or self.manual:
                 continue
             if sched.monitor is None:
                 sched.scheduler.step()

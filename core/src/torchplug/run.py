@@ -103,6 +103,7 @@ class FitRun:
                 torch.use_deterministic_algorithms(deterministic, warn_only=warn_only)
                 self._close_outputs()
                 attach_metrics(self.module, None)
+                self.module.__dict__.pop("_torchplug_loop", None)
                 self._release_wrapper()
                 if self.set_up:
                     hooks.teardown(trainer=trainer, stage="fit")
@@ -186,6 +187,7 @@ def validate_only(trainer: Trainer, module: nn.Module, val_loader: Any) -> dict[
         raise
     finally:
         attach_metrics(module, None)
+        module.__dict__.pop("_torchplug_loop", None)
         hooks.teardown(trainer=trainer, stage="validate")
 
 

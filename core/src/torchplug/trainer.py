@@ -242,6 +242,13 @@ class Trainer:
         runs), and ``global_step``, ``current_epoch`` and ``callback_metrics`` are set."""
         check_module(model)
         check_module_methods(model)
+        if not getattr(model, "automatic_optimization", True) and (
+                self.accumulate_grad_batches > 1 or self.gradient_clip_val > 0):
+            raise MisconfigurationError(
+                f"{type(model).__name__} optimizes manually (automatic_optimization = False), so the Trainer "
+                f"neither accumulates nor clips: drop accumulate_grad_batches={self.accumulate_grad_batches} and "
+                f"gradient_clip_val={self.gradient_clip_val}, and do both in training_step."
+            )
         if ckpt_path is not None and not isinstance(ckpt_path, (str, os.PathLike)):
             raise MisconfigurationError(f"ckpt_path must be a path, got {ckpt_path!r} ({type(ckpt_path).__name__})")
         train_loader, val_loader = resolve_loaders(model, train_dataloaders, val_dataloaders)
