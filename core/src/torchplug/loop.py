@@ -94,6 +94,7 @@ class FitLoop:
             and takes_optimizer_idx(cast(StepModule, module).training_step)
         self.custom_step = overrides(module, "optimizer_step")
         self.custom_zero_grad = overrides(module, "optimizer_zero_grad")
+        metrics.reduce = lambda tensor, op: self.hooks.reduce(tensor=tensor.to(self.device), op=op)
         #: what self.optimizers() gives a manually optimizing module
         self.step_optimizers = [StepOptimizer(opt, trainer, self.hooks) for opt in self.optimizers]
         module.__dict__["_torchplug_loop"] = self  # self.optimizers(), self.manual_backward(); run.py detaches it
@@ -239,11 +240,16 @@ class FitLoop:
     def _end_epoch(self, epoch: int) -> None:
         trainer, state = self.trainer, self.state
         self.position.phase = None
-        if self.epoch_outputs is not None:
-            outputs, self.epoch_outputs = self.epoch_outputs, None
-            self.hooks.training_epoch_end(trainer=trainer, outputs=outputs)
-        self.hooks.on_train_epoch_end(trainer=trainer, epoch=epoch)
-        self.hooks.on_epoch_end(trainer=trainer)
+        self.metrics.epoch_end = True  # a self.log in these hooks logs an epoch value
+        try:
+            if self.epoch_outputs is not None:
+                outputs, self.epoch_outputs = self.epoch_outputs, None
+                self.hooks.training_epoch_end(trainer=trainer, outputs=outputs)
+            self.hooks.on_train_epoch_end(trainer=trainer, epoch=epoch)
+            self.hooks.on_epoch_end(trainer=trainer)
+        finally:
+            self.metrics.epoch_end = False
+        self.metrics.end_train_epoch()
         self.log_train()
         if self.val_loader is not None and trainer.limit_val_batches != 0 \
                 and (epoch + 1) % trainer.check_val_every_n_epoch == 0:
@@ -353,7 +359,9 @@ class FitLoop:
         values = to_floats(self.metrics.train)
         self.metrics.train.clear()
         state.callback_metrics.update(values)
-        self.outputs.log(state.global_step, state.epoch, values)
+        hidden = self.metrics.not_logged
+        self.outputs.log(state.global_step, state.epoch,
+                         {k: v for k, v in values.items() if k not in hidden} if hidden else values)
         self.outputs.progress.show(state.callback_metrics)
 
     # -- checkpoints -------------------------------------------------------------------------
