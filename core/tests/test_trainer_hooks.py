@@ -45,34 +45,37 @@ for _name in HOOK_NAMES:
 def expected_fit(epochs: int, n_batches: int, accumulate: int, clip: bool, n_val: int, val_metrics: int,
                  checkpoint: bool, resume: bool = False, first_epoch: int = 0) -> list[str]:
     """The documented order (loop.py's docstring), written out independently of the loop."""
-    calls = ["launch", "setup_environment", "world_size", "global_rank", "root_device",
+    calls = ["launch", "setup_environment", "world_size", "global_rank", "setup", "root_device",
              "on_after_setup_optimizers", "connect_precision", "configure_ddp"]
     if resume:
         calls.append("on_load_checkpoint")
-    calls.append("on_fit_start")
+    calls += ["on_fit_start", "on_train_start"]
     for epoch in range(first_epoch, epochs):
-        calls.append(f"on_train_epoch_start:{epoch}")
+        calls += ["on_epoch_start", f"on_train_epoch_start:{epoch}"]
         for i in range(n_batches):
             window_end = (i + 1) % accumulate == 0 or i + 1 == n_batches
-            calls.append(f"on_before_forward:{i}")
+            calls += ["on_train_batch_start", f"on_before_forward:{i}"]
             if not window_end:
                 calls.append("block_backward_sync")
-            calls += ["forward_context", "backward"]
+            calls += ["forward_context", "on_before_backward", "backward", "on_after_backward"]
             if window_end:
                 calls += ["unscale_gradients", "on_before_optimizer_step"]
                 if clip:
                     calls.append("clip_gradients")
-                calls.append("optimizer_step")
+                calls += ["optimizer_step", "on_before_zero_grad"]
             calls.append(f"on_train_batch_end:{i}")
-        calls.append(f"on_train_epoch_end:{epoch}")
+        calls += ["training_epoch_end", f"on_train_epoch_end:{epoch}", "on_epoch_end"]
         if n_val:
+            calls += ["on_validation_start", "on_validation_epoch_start"]
             for j in range(n_val):
-                calls += [f"on_before_forward:{j}", "forward_context"]
+                calls += ["on_validation_batch_start", f"on_before_forward:{j}", "forward_context",
+                          "on_validation_batch_end"]
+            calls += ["validation_epoch_end", "on_validation_epoch_end"]
             calls += ["reduce"] * val_metrics
             calls.append("on_validation_end")
         if checkpoint:
             calls += ["collect_state", "on_save_checkpoint"]
-    calls += ["on_fit_end", "teardown_environment"]
+    calls += ["on_train_end", "on_fit_end", "teardown", "teardown_environment"]
     return calls
 
 
@@ -126,9 +129,10 @@ def test_hook_order_on_resume_and_failure(tp: Any, make_trainer: Any) -> None:
     recorder.calls.clear()
     with pytest.raises(RuntimeError, match="boom in training_step"):
         trainer.fit(Boom(), tp.loader(n=16))
-    setup = expected_fit(0, 0, 1, False, 0, 0, False)[:-2]  # launch ... on_fit_start
-    assert recorder.calls == [*setup, "on_train_epoch_start:0", "on_before_forward:0", "forward_context",
-                              "on_exception", "teardown_environment"]
+    setup = expected_fit(0, 0, 1, False, 0, 0, False)[:-4]  # launch ... on_train_start
+    assert recorder.calls == [*setup, "on_epoch_start", "on_train_epoch_start:0", "on_train_batch_start",
+                              "on_before_forward:0", "forward_context", "on_exception", "teardown",
+                              "teardown_environment"]
 
 
 def test_lr_scheduler_is_not_stepped_after_a_skipped_step(tp: Any, make_trainer: Any) -> None:

@@ -95,12 +95,26 @@ class Hooks:
             weakref.finalize(self, self._file_trace.close_at_exit)  # if close_trace is never called
         elif text:
             tracer = TextTrace()
+        self._tracer = tracer
+        self._owners: dict[CodeType, tuple[str, str]] = {}
+        #: the hooks that have at least one implementation (the loop collects step outputs for
+        #: ``training_epoch_end`` only when someone implements it)
+        self.implemented: frozenset[str] = frozenset()
+        self.refresh()
+
+    def refresh(self) -> None:
+        """Resolve the call sites again after plugins were registered or unregistered (the fit
+        registers the user's module for its duration); a trace keeps going in the same file."""
+        pm, tracer = self._pm, self._tracer
         # plugin, distribution and version of every plugin, once (file traces only: ~0.2 s)
         plugins = plugin_info(pm) if self._file_trace is not None else {}
-        self._owners: dict[CodeType, tuple[str, str]] = {}
+        self._owners.clear()
+        implemented = set()
         for name in hookspecs.HOOK_NAMES:
             hook: pluggy.HookCaller = getattr(pm.hook, name)
             impls = hook.get_hookimpls()
+            if impls:
+                implemented.add(name)
             for impl in impls:
                 code = getattr(impl.function, "__code__", None)
                 if code is not None:
@@ -114,6 +128,7 @@ class Hooks:
             else:
                 caller = _fast(hook, impls, firstresult)
             setattr(self, name, caller)
+        self.implemented = frozenset(implemented)
 
     def close_trace(self) -> Path | None:
         """Write the trace-event file of ``TORCHPLUG_TRACE=<path>.json`` (every span so far) and
@@ -137,7 +152,8 @@ class Hooks:
         """A :class:`PluginHookError` naming the plugin and hook ``exc`` came from, if a
         non-builtin plugin raised it; otherwise ``exc`` itself."""
         owner = self.blame(exc)
-        if owner is None or owner[0] == "torchplug.defaults" or isinstance(exc, PluginHookError):
+        # The user's own module hooks (torchplug.modulehooks) raise unchanged, like training_step.
+        if owner is None or owner[0] in ("torchplug.defaults", "torchplug.module") or isinstance(exc, PluginHookError):
             return exc
         plugin, hook = owner
         error = PluginHookError(f"Plugin '{plugin}' raised in hook '{hook}': {type(exc).__name__}: {exc}")
@@ -198,6 +214,27 @@ class Hooks:
         def on_load_checkpoint(self, *, trainer: Trainer, checkpoint: dict[str, Any]) -> list[Any]: ...
         def on_fit_end(self, *, trainer: Trainer, model: nn.Module) -> list[Any]: ...
         def on_exception(self, *, trainer: Trainer, exception: BaseException) -> list[Any]: ...
+
+        # 6. Lightning's events
+        def setup(self, *, trainer: Trainer, stage: str) -> list[Any]: ...
+        def teardown(self, *, trainer: Trainer, stage: str) -> list[Any]: ...
+        def on_train_start(self, *, trainer: Trainer) -> list[Any]: ...
+        def on_train_end(self, *, trainer: Trainer) -> list[Any]: ...
+        def on_epoch_start(self, *, trainer: Trainer) -> list[Any]: ...
+        def on_epoch_end(self, *, trainer: Trainer) -> list[Any]: ...
+        def on_train_batch_start(self, *, trainer: Trainer, batch: Any, batch_idx: int) -> list[Any]: ...
+        def on_before_backward(self, *, trainer: Trainer, loss: torch.Tensor) -> list[Any]: ...
+        def on_after_backward(self, *, trainer: Trainer) -> list[Any]: ...
+        def on_before_zero_grad(self, *, trainer: Trainer, optimizer: Optimizer) -> list[Any]: ...
+        def training_epoch_end(self, *, trainer: Trainer, outputs: list[Any]) -> list[Any]: ...
+        def on_validation_start(self, *, trainer: Trainer) -> list[Any]: ...
+        def on_validation_epoch_start(self, *, trainer: Trainer) -> list[Any]: ...
+        def on_validation_batch_start(self, *, trainer: Trainer, batch: Any, batch_idx: int) -> list[Any]: ...
+        def on_validation_batch_end(
+            self, *, trainer: Trainer, outputs: Any, batch: Any, batch_idx: int
+        ) -> list[Any]: ...
+        def validation_epoch_end(self, *, trainer: Trainer, outputs: list[Any]) -> list[Any]: ...
+        def on_validation_epoch_end(self, *, trainer: Trainer) -> list[Any]: ...
 
 
 if not TYPE_CHECKING:

@@ -9,6 +9,7 @@ Hooks are grouped by the phase in which the core calls them, in calling order:
                             ``backward``, ``unscale_gradients``, ``clip_gradients``, ``optimizer_step``)
 4. collectives             (``barrier``, ``broadcast``, ``reduce``)
 5. user events             (``on_fit_start`` … ``on_exception``), including checkpoint state
+6. Lightning's events      (``setup`` … ``on_validation_epoch_end``): the module's hooks
 
 Calling conventions (pluggy calls every hook by keyword):
 
@@ -543,6 +544,210 @@ def on_exception(trainer: Trainer, exception: BaseException) -> None:
     :param exception: the exception; it is re-raised after every implementation ran.
 
     Convention: all called, once per process, before ``teardown_environment``.
+    """
+
+
+# --------------------------------------------------------------------------------------------
+# 6. Lightning's module and callback events (all called, return values ignored)
+#
+# The user's TrainingModule implements these too: for each fit it is registered as a plugin
+# (torchplug.modulehooks) right after the built-in defaults, so it runs after every other plugin,
+# as a LightningModule's hooks run after the callbacks'. Lightning calls module hooks with
+# positional arguments whose names vary between its versions (``batch_nb``, ``dataloader_idx``),
+# so the specs keep torchplug's names (``trainer`` first) and the module's adapter passes a
+# module method Lightning's positional arguments, as many as the method takes.
+# --------------------------------------------------------------------------------------------
+
+
+@hookspec
+def setup(trainer: Trainer, stage: str) -> None:
+    """The run is about to set up the model: build layers or load data that need the process.
+
+    :param trainer: the Trainer; ``world_size`` and ``global_rank`` are known.
+    :param stage: ``"fit"`` or ``"validate"``.
+
+    Convention: all called, once per process, after ``setup_environment`` and before
+    ``root_device`` (so layers made here are moved to the device and get optimizers).
+    Lightning module: ``setup(self, stage)``.
+    """
+
+
+@hookspec
+def teardown(trainer: Trainer, stage: str) -> None:
+    """The run is over: release what ``setup`` acquired.
+
+    :param trainer: the Trainer.
+    :param stage: ``"fit"`` or ``"validate"``, as ``setup`` got.
+
+    Convention: all called, once per process, after ``on_fit_end`` (also after an exception, after
+    ``on_exception``) and before ``teardown_environment``. Lightning module: ``teardown(self, stage)``.
+    """
+
+
+@hookspec
+def on_train_start(trainer: Trainer) -> None:
+    """Training is about to start, right after ``on_fit_start``.
+
+    :param trainer: the Trainer.
+
+    Convention: all called, once per process.
+    """
+
+
+@hookspec
+def on_train_end(trainer: Trainer) -> None:
+    """Training ended (the last epoch's validation and checkpoint done), before ``on_fit_end``.
+
+    :param trainer: the Trainer.
+
+    Convention: all called, once per process, after normal completion.
+    """
+
+
+@hookspec
+def on_epoch_start(trainer: Trainer) -> None:
+    """A training epoch starts (Lightning 1.x's ``on_epoch_start``), before ``on_train_epoch_start``.
+
+    :param trainer: the Trainer; ``trainer.current_epoch`` is the epoch.
+
+    Convention: all called, once per training epoch.
+    """
+
+
+@hookspec
+def on_epoch_end(trainer: Trainer) -> None:
+    """A training epoch ended (Lightning 1.x's ``on_epoch_end``), after ``on_train_epoch_end``.
+
+    :param trainer: the Trainer.
+
+    Convention: all called, once per training epoch, before its validation.
+    """
+
+
+@hookspec
+def on_train_batch_start(trainer: Trainer, batch: Any, batch_idx: int) -> None:
+    """A training micro-batch is about to run, before ``on_before_forward``.
+
+    :param trainer: the Trainer.
+    :param batch: the batch as the loader gave it.
+    :param batch_idx: its index in the epoch.
+
+    Convention: all called, once per micro-batch. Lightning module:
+    ``on_train_batch_start(self, batch, batch_idx, dataloader_idx)`` (``dataloader_idx`` is 0).
+    """
+
+
+@hookspec
+def on_before_backward(trainer: Trainer, loss: torch.Tensor) -> None:
+    """A loss is about to be backpropagated.
+
+    :param trainer: the Trainer.
+    :param loss: the loss ``backward`` will get (divided by the window length already).
+
+    Convention: all called, before every ``backward`` (also ``self.manual_backward``).
+    """
+
+
+@hookspec
+def on_after_backward(trainer: Trainer) -> None:
+    """A backward ran: the gradients of this micro-batch are accumulated (still scaled under fp16).
+
+    :param trainer: the Trainer.
+
+    Convention: all called, after every ``backward`` (also ``self.manual_backward``).
+    """
+
+
+@hookspec
+def on_before_zero_grad(trainer: Trainer, optimizer: Optimizer) -> None:
+    """An optimizer stepped and its gradients are about to be zeroed.
+
+    :param trainer: the Trainer.
+    :param optimizer: the optimizer whose gradients are zeroed next.
+
+    Convention: all called, once per optimizer at every window's end, after ``optimizer_step``.
+    """
+
+
+@hookspec
+def training_epoch_end(trainer: Trainer, outputs: list[Any]) -> None:
+    """A training epoch ended: what every ``training_step`` of it returned.
+
+    :param trainer: the Trainer.
+    :param outputs: one entry per micro-batch, each a dict with the ``"loss"`` (detached) and any
+        other keys ``training_step`` returned; with several optimizers and ``optimizer_idx``, one
+        such list per optimizer. Collected only when some implementation exists.
+
+    Convention: all called, once per training epoch, before ``on_train_epoch_end``. A
+    ``self.log`` here logs an epoch value.
+    """
+
+
+@hookspec
+def on_validation_start(trainer: Trainer) -> None:
+    """A validation run starts.
+
+    :param trainer: the Trainer.
+
+    Convention: all called, before every validation run (after the training epoch's end hooks).
+    """
+
+
+@hookspec
+def on_validation_epoch_start(trainer: Trainer) -> None:
+    """A validation epoch starts, right after ``on_validation_start``.
+
+    :param trainer: the Trainer.
+
+    Convention: all called, before the first validation batch.
+    """
+
+
+@hookspec
+def on_validation_batch_start(trainer: Trainer, batch: Any, batch_idx: int) -> None:
+    """A validation batch is about to run, before ``on_before_forward``.
+
+    :param trainer: the Trainer.
+    :param batch: the batch as the loader gave it.
+    :param batch_idx: its index.
+
+    Convention: all called, once per validation batch.
+    """
+
+
+@hookspec
+def on_validation_batch_end(trainer: Trainer, outputs: Any, batch: Any, batch_idx: int) -> None:
+    """A validation batch ran.
+
+    :param trainer: the Trainer.
+    :param outputs: what ``validation_step`` returned.
+    :param batch: the batch, after ``on_before_forward``.
+    :param batch_idx: its index.
+
+    Convention: all called, once per validation batch.
+    """
+
+
+@hookspec
+def validation_epoch_end(trainer: Trainer, outputs: list[Any]) -> None:
+    """The validation epoch ended: what every ``validation_step`` returned.
+
+    :param trainer: the Trainer.
+    :param outputs: the ``validation_step`` results, in batch order (collected only when some
+        implementation exists).
+
+    Convention: all called, after the last validation batch; a ``self.log`` here is part of the
+    validation metrics (averaged over processes).
+    """
+
+
+@hookspec
+def on_validation_epoch_end(trainer: Trainer) -> None:
+    """The validation epoch ended, after ``validation_epoch_end``.
+
+    :param trainer: the Trainer.
+
+    Convention: all called, before the metrics are reduced and ``on_validation_end`` runs.
     """
 
 

@@ -3,18 +3,28 @@
 ``FitLoop.train`` is the loop, in execution order; every hook is called on the line where its
 step happens. An epoch is a sequence of accumulation windows (:mod:`torchplug.data`)::
 
-    on_train_epoch_start
+    on_fit_start → on_train_start
+    per epoch: on_epoch_start → on_train_epoch_start
     per window, per micro-batch:
-        on_before_forward → [block_backward_sync, entered unless last of the window]
-            → forward_context → training_step → backward(loss / window length, sync_gradients)
+        on_train_batch_start → on_before_forward → [block_backward_sync, entered unless last of the window]
+            → forward_context → training_step → on_before_backward
+            → backward(loss / window length, sync_gradients) → on_after_backward
         at the window's last micro-batch, the optimizer step:
             per optimizer: unscale_gradients → on_before_optimizer_step
                 → clip_gradients (gradient_clip_val > 0)
-            → optimizer_step (may be skipped) → zero_grad(set_to_none=True)
+            → optimizer_step (may be skipped) → per optimizer: on_before_zero_grad → zero_grad(set_to_none=True)
             → LR schedulers (interval "step"; not after a skipped step)
         → on_train_batch_end
-    on_train_epoch_end → validation (on_validation_end) → LR schedulers (interval "epoch")
-        → last.ckpt (on_save_checkpoint)
+    training_epoch_end(outputs) → on_train_epoch_end → on_epoch_end
+    → validation: on_validation_start → on_validation_epoch_start
+        → per batch: on_validation_batch_start → on_before_forward → forward_context → validation_step
+          → on_validation_batch_end
+        → validation_epoch_end(outputs) → on_validation_epoch_end → reduce → on_validation_end
+    → LR schedulers (interval "epoch") → last.ckpt (collect_state → on_save_checkpoint)
+    after the last epoch: on_train_end → on_fit_end
+
+The user's module implements these hooks like any plugin and runs after the plugins
+(:mod:`torchplug.modulehooks`).
 
 Counters live in the run's :class:`torchplug.state.RunState`. A stop requested by SIGTERM or
 Ctrl-C (:mod:`torchplug.signals`) takes effect at the end of the current optimizer step.
@@ -36,6 +46,14 @@ from torchplug.errors import MisconfigurationError
 from torchplug.losscheck import LossCheck
 from torchplug.metrics import to_floats
 from torchplug.module import MetricStore
+from torchplug.optimization import (
+    StepOptimizer,
+    call_optimizer_step,
+    call_optimizer_zero_grad,
+    overrides,
+    takes_optimizer_idx,
+    toggled,
+)
 from torchplug.outputs import RunOutputs
 from torchplug.prepare import Prepared, StepModule
 from torchplug.signals import StopRequest
@@ -67,7 +85,19 @@ class FitLoop:
         self.batches = EpochBatches(parts.train_loader, trainer.limit_train_batches, state, position)
         self.losses = LossCheck(trainer.on_nonfinite_loss, parts.device)
         self._saved_at: tuple[int, int, int] | None = None
+        #: what this epoch's training steps returned, while someone implements training_epoch_end
+        self.epoch_outputs: list[Any] | None = None
         self._training_step: Callable[..., Any] = cast(StepModule, self.module).training_step
+        module = self.module
+        self.manual = not getattr(module, "automatic_optimization", True)
+        self.per_optimizer = not self.manual and len(self.optimizers) > 1 \
+            and takes_optimizer_idx(cast(StepModule, module).training_step)
+        self.custom_step = overrides(module, "optimizer_step")
+        self.custom_zero_grad = overrides(module, "optimizer_zero_grad")
+        metrics.reduce = lambda tensor, op: self.hooks.reduce(tensor=tensor.to(self.device), op=op)
+        #: what self.optimizers() gives a manually optimizing module
+        self.step_optimizers = [StepOptimizer(opt, trainer, self.hooks) for opt in self.optimizers]
+        module.__dict__["_torchplug_loop"] = self  # self.optimizers(), self.manual_backward(); run.py detaches it
 
     # -- the loop ----------------------------------------------------------------------------
     def train(self) -> None:
@@ -76,8 +106,13 @@ class FitLoop:
         # A wrapper from configure_ddp runs training_step itself (inside DDP's forward).
         self._training_step = cast(StepModule, self.module).training_step if model is self.module else model
         hooks.on_fit_start(trainer=trainer, model=self.module)
+        hooks.on_train_start(trainer=trainer)
         while not self.finished():
             epoch = state.epoch
+            self.epoch_outputs = None
+            if "training_epoch_end" in hooks.implemented:
+                self.epoch_outputs = [[] for _ in self.optimizers] if self.per_optimizer else []
+            hooks.on_epoch_start(trainer=trainer)
             hooks.on_train_epoch_start(trainer=trainer, epoch=epoch)
             self.outputs.progress.start_epoch(epoch, self.batches.length(), initial=state.batch_in_epoch)
             model.train()
@@ -85,11 +120,10 @@ class FitLoop:
             window: Window | None = None
             for window in self.batches.windows(epoch, accumulate):
                 for batch_idx, batch, is_last in window:
+                    hooks.on_train_batch_start(trainer=trainer, batch=batch, batch_idx=batch_idx)
                     args = hooks.on_before_forward(model=model, args=(batch, batch_idx))
                     with nullcontext() if is_last else hooks.block_backward_sync(model=model):
-                        output = self._forward_backward(args, batch_idx, epoch, window, is_last)
-                    if is_last:
-                        self._optimizer_step(window, batch_idx)
+                        output = self._run_batch(args, batch_idx, epoch, window, is_last)
                     hooks.on_train_batch_end(trainer=trainer, outputs=output, batch=args[0], batch_idx=batch_idx)
                     self.outputs.progress.update()
                 if window.open:
@@ -105,41 +139,99 @@ class FitLoop:
             self._end_epoch(epoch)
         self._finish()
 
+    def _run_batch(self, args: tuple[Any, ...], batch_idx: int, epoch: int, window: Window, is_last: bool) -> Any:
+        """One micro-batch, and the optimizer step at the window's end: returns what
+        ``training_step`` returned (a list of one result per optimizer with ``optimizer_idx``)."""
+        if self.manual:
+            with self.hooks.forward_context(model=self.model):
+                output = self._training_step(*args)
+            if self.epoch_outputs is not None and isinstance(output, (torch.Tensor, dict)):
+                self.epoch_outputs.append(epoch_output(output))
+            stepped = all(r for opt in self.step_optimizers for r in opt.results)
+            for opt in self.step_optimizers:
+                opt.results.clear()
+            self._end_step(batch_idx, stepped)
+            return output
+        if not self.per_optimizer:
+            output = self._forward_backward(args, batch_idx, epoch, window, is_last, self.optimizers, None)
+            stepped = self._step_optimizers(window, batch_idx, None) if is_last else False
+            if is_last:
+                self._end_step(batch_idx, stepped)
+            return output
+        # Lightning 1.x: training_step(batch, batch_idx, optimizer_idx) once per optimizer, only its
+        # parameters requiring grad, and that optimizer steps on that loss before the next one runs.
+        outputs, stepped = [], False
+        for index, optimizer in enumerate(self.optimizers):
+            with toggled(self.optimizers, index):
+                outputs.append(self._forward_backward((*args, index), batch_idx, epoch, window, is_last,
+                                                      [optimizer], index))
+                if is_last:
+                    stepped = self._step_optimizers(window, batch_idx, index) or stepped
+        if is_last:
+            self._end_step(batch_idx, stepped)
+        return outputs
+
     def _forward_backward(self, args: tuple[Any, ...], batch_idx: int, epoch: int, window: Window,
-                          is_last: bool) -> Any:
-        """One micro-batch: ``forward_context`` → ``training_step`` → the loss check → ``backward``;
-        returns what ``training_step`` returned."""
+                          is_last: bool, optimizers: list[torch.optim.Optimizer], index: int | None) -> Any:
+        """``forward_context`` → ``training_step`` → the loss check → ``on_before_backward`` →
+        ``backward`` → ``on_after_backward``; returns what ``training_step`` returned."""
         hooks, model = self.hooks, self.model
         with hooks.forward_context(model=model):
             output = self._training_step(*args)
         loss = _loss_of(output, batch_idx, epoch)
+        if self.epoch_outputs is not None:
+            (self.epoch_outputs if index is None else self.epoch_outputs[index]).append(epoch_output(output))
         if self.losses.admits(loss, epoch, batch_idx, self.state.global_step):
-            hooks.backward(loss=loss / window.length if window.length > 1 else loss, optimizers=self.optimizers,
-                           model=model, sync_gradients=is_last)
+            loss = loss / window.length if window.length > 1 else loss
+            hooks.on_before_backward(trainer=self.trainer, loss=loss)
+            hooks.backward(loss=loss, optimizers=optimizers, model=model, sync_gradients=is_last)
+            hooks.on_after_backward(trainer=self.trainer)
             window.backwards += 1
         return output
 
-    def _optimizer_step(self, window: Window, batch_idx: int) -> None:
-        """The window's optimizer step: unscale → ``on_before_optimizer_step`` → clip → step →
-        ``zero_grad`` → step-interval schedulers. A window without any backward takes no step."""
-        trainer, hooks, state = self.trainer, self.hooks, self.state
-        stepped = False
-        if window.backwards:
-            clip, norm_type = trainer.gradient_clip_val, trainer.gradient_clip_norm_type
-            for optimizer in self.optimizers:
-                hooks.unscale_gradients(optimizer=optimizer)
-                hooks.on_before_optimizer_step(trainer=trainer, optimizer=optimizer)
-                if clip > 0:
-                    hooks.clip_gradients(grad_clip_val=clip, optimizer=optimizer, norm_type=norm_type)
-            stepped = hooks.optimizer_step(optimizers=self.optimizers)
-            for optimizer in self.optimizers:
+    def _step_optimizers(self, window: Window, batch_idx: int, index: int | None) -> bool:
+        """The window's step of all optimizers (``index`` None) or of one: unscale →
+        ``on_before_optimizer_step`` → clip → step (the hook, or the module's ``optimizer_step``)
+        → ``on_before_zero_grad`` → zero_grad. A window without any backward takes no step."""
+        if not window.backwards:
+            return False
+        trainer, hooks = self.trainer, self.hooks
+        chosen = self.optimizers if index is None else [self.optimizers[index]]
+        clip, norm_type = trainer.gradient_clip_val, trainer.gradient_clip_norm_type
+        for optimizer in chosen:
+            hooks.unscale_gradients(optimizer=optimizer)
+            hooks.on_before_optimizer_step(trainer=trainer, optimizer=optimizer)
+            if clip > 0:
+                hooks.clip_gradients(grad_clip_val=clip, optimizer=optimizer, norm_type=norm_type)
+        indices = range(len(self.optimizers)) if index is None else [index]
+        if self.custom_step:
+            results: list[bool] = []
+            for i in indices:
+                wrapped = StepOptimizer(self.optimizers[i], trainer, hooks, prepared=True)
+                call_optimizer_step(self.module, self.state.epoch, batch_idx, wrapped, i, None,
+                                    trainer.precision != "32")
+                results += wrapped.results
+            stepped = all(results)
+        else:
+            stepped = hooks.optimizer_step(optimizers=chosen)
+        for i in indices:
+            optimizer = self.optimizers[i]
+            hooks.on_before_zero_grad(trainer=trainer, optimizer=optimizer)
+            if self.custom_zero_grad:
+                call_optimizer_zero_grad(self.module, self.state.epoch, batch_idx, optimizer, i)
+            else:
                 optimizer.zero_grad(set_to_none=True)
-        if stepped:
+        return stepped
+
+    def _end_step(self, batch_idx: int, stepped: bool) -> None:
+        """After the window's step: step-interval schedulers (not after a skipped step), counters, logging."""
+        trainer, state = self.trainer, self.state
+        if not stepped:
+            state.skipped_steps += 1
+        elif not self.manual:  # manual optimization steps its schedulers itself (self.lr_schedulers())
             for sched in self.schedulers:
                 if sched.interval == "step":
                     sched.scheduler.step()
-        else:
-            state.skipped_steps += 1
         state.global_step += 1
         state.batch_in_epoch = batch_idx + 1
         if state.global_step % trainer.log_every_n_steps == 0:
@@ -148,13 +240,22 @@ class FitLoop:
     def _end_epoch(self, epoch: int) -> None:
         trainer, state = self.trainer, self.state
         self.position.phase = None
-        self.hooks.on_train_epoch_end(trainer=trainer, epoch=epoch)
+        self.metrics.epoch_end = True  # a self.log in these hooks logs an epoch value
+        try:
+            if self.epoch_outputs is not None:
+                outputs, self.epoch_outputs = self.epoch_outputs, None
+                self.hooks.training_epoch_end(trainer=trainer, outputs=outputs)
+            self.hooks.on_train_epoch_end(trainer=trainer, epoch=epoch)
+            self.hooks.on_epoch_end(trainer=trainer)
+        finally:
+            self.metrics.epoch_end = False
+        self.metrics.end_train_epoch()
         self.log_train()
         if self.val_loader is not None and trainer.limit_val_batches != 0 \
                 and (epoch + 1) % trainer.check_val_every_n_epoch == 0:
             self.validate()
         for sched in self.schedulers:
-            if sched.interval != "epoch":
+            if sched.interval != "epoch" or self.manual:
                 continue
             if sched.monitor is None:
                 sched.scheduler.step()
@@ -175,6 +276,7 @@ class FitLoop:
         self.log_train()
         self.outputs.progress.close()
         self.checkpoint()
+        self.hooks.on_train_end(trainer=self.trainer)
         self.hooks.on_fit_end(trainer=self.trainer, model=self.module)
 
     def finished(self) -> bool:
@@ -212,16 +314,26 @@ class FitLoop:
         limit = trainer.limit_val_batches
         phase = self.position.phase
         self.position.phase, self.position.batch = "validation", 0
+        outputs: list[Any] | None = [] if "validation_epoch_end" in hooks.implemented else None
         try:
+            hooks.on_validation_start(trainer=trainer)
+            hooks.on_validation_epoch_start(trainer=trainer)
             with torch.no_grad():
                 for batch_idx, batch in enumerate(self.val_loader):
                     if limit is not None and batch_idx >= limit:
                         break
                     self.position.batch = batch_idx
+                    hooks.on_validation_batch_start(trainer=trainer, batch=batch, batch_idx=batch_idx)
                     args = hooks.on_before_forward(model=module, args=(batch, batch_idx))
                     with hooks.forward_context(model=module):
-                        step_module.validation_step(*args)
+                        output = step_module.validation_step(*args)
+                    hooks.on_validation_batch_end(trainer=trainer, outputs=output, batch=args[0], batch_idx=batch_idx)
+                    if outputs is not None:
+                        outputs.append(output)
                     self.stop.check()
+                if outputs is not None:
+                    hooks.validation_epoch_end(trainer=trainer, outputs=outputs)
+                hooks.on_validation_epoch_end(trainer=trainer)
         finally:
             values = self.metrics.end_validation()
             module.train(was_training)
@@ -247,7 +359,9 @@ class FitLoop:
         values = to_floats(self.metrics.train)
         self.metrics.train.clear()
         state.callback_metrics.update(values)
-        self.outputs.log(state.global_step, state.epoch, values)
+        hidden = self.metrics.not_logged
+        self.outputs.log(state.global_step, state.epoch,
+                         {k: v for k, v in values.items() if k not in hidden} if hidden else values)
         self.outputs.progress.show(state.callback_metrics)
 
     # -- checkpoints -------------------------------------------------------------------------
@@ -302,6 +416,14 @@ class FitLoop:
         self.model = self.module
         self._training_step = cast(StepModule, self.module).training_step  # it called the wrapper
         return True
+
+
+def epoch_output(output: Any) -> Any:
+    """A step's result as ``training_epoch_end`` gets it (Lightning's): a dict with ``"loss"``,
+    its tensors detached so the epoch's graphs are freed."""
+    if isinstance(output, dict):
+        return {k: v.detach() if isinstance(v, torch.Tensor) else v for k, v in output.items()}
+    return {"loss": output.detach()}
 
 
 def _loss_of(output: Any, batch_idx: int, epoch: int) -> torch.Tensor:

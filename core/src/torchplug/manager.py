@@ -65,7 +65,7 @@ __all__ = [
 DEFAULTS_NAME = "torchplug.defaults"
 ROLES: tuple[Role, ...] = ("precision", "strategy")
 
-Source = Literal["builtin", "autoload", "entry point", "object", "module"]
+Source = Literal["builtin", "autoload", "entry point", "object", "module", "training module"]
 
 
 @dataclass(frozen=True)
@@ -178,6 +178,21 @@ class PluginManager(pluggy.PluginManager):
         finally:
             self._pending_record = None
         return self.record(name)
+
+    def register_before_plugins(self, plugin: object, name: str) -> None:
+        """Register ``plugin`` (the user's module hooks, :mod:`torchplug.modulehooks`) as if it had
+        come right after the built-in defaults: pluggy calls it after every other plugin, as
+        Lightning calls a module's hooks after its callbacks'. The others are re-registered in
+        their order (their validation runs again; it passed before)."""
+        later = [rec for rec in self.records if rec.source != "builtin"]
+        for rec in later:
+            super().unregister(rec.plugin)
+        self.records[:] = [rec for rec in self.records if rec.source == "builtin"]
+        try:
+            self.register_plugin(plugin, name, "training module")
+        finally:
+            for rec in later:
+                self.register_plugin(rec.plugin, rec.name, rec.source, rec.entry_point)
 
     def record(self, name: str) -> PluginRecord:
         for rec in self.records:

@@ -3,12 +3,12 @@
 ``FitRun.run`` is the path every fit takes, in every launch mode (in-process, a spawned
 worker, a torchrun rank)::
 
-    setup_environment → world_size/global_rank → prepare (root_device … configure_ddp)
+    setup_environment → world_size/global_rank → setup("fit") → prepare (root_device … configure_ddp)
     → the run folder → [on_load_checkpoint when resuming] → FitLoop.train
     on KeyboardInterrupt: last.ckpt of the last completed step → on_exception → re-raise
     on an error: a note saying where it happened → on_exception → the outputs closed (an
         empty run folder removed) → re-raised, as PluginHookError when a plugin raised it
-    always: the wrapper dropped and collected → teardown_environment
+    always: the wrapper dropped and collected → teardown("fit") (if setup ran) → teardown_environment
 """
 
 from __future__ import annotations
@@ -66,6 +66,7 @@ class FitRun:
         self.stop = StopRequest(multi_process=lambda: trainer.world_size > 1)
         self.outputs: RunOutputs | None = None
         self.loop: FitLoop | None = None
+        self.set_up = False  # whether the setup hook ran (then teardown runs too)
 
     def run(self) -> FitOutcome:
         trainer, hooks = self.trainer, self.hooks
@@ -102,7 +103,10 @@ class FitRun:
                 torch.use_deterministic_algorithms(deterministic, warn_only=warn_only)
                 self._close_outputs()
                 attach_metrics(self.module, None)
+                self.module.__dict__.pop("_torchplug_loop", None)
                 self._release_wrapper()
+                if self.set_up:
+                    hooks.teardown(trainer=trainer, stage="fit")
                 hooks.teardown_environment(trainer=trainer)
         outputs = self.outputs
         return FitOutcome(
@@ -119,6 +123,8 @@ class FitRun:
         hooks.setup_environment(trainer=trainer)
         trainer.world_size = hooks.world_size()
         trainer.global_rank = hooks.global_rank()
+        self.set_up = True
+        hooks.setup(trainer=trainer, stage="fit")
         if trainer.on_nonfinite_loss == "skip" and trainer.world_size > 1:
             raise MisconfigurationError(
                 f"on_nonfinite_loss='skip' cannot run on {trainer.world_size} processes: a rank that skips a "
@@ -173,6 +179,7 @@ def validate_only(trainer: Trainer, module: nn.Module, val_loader: Any) -> dict[
     outputs = RunOutputs(trainer.default_root_dir, folder=False, csv=False, progress=False)
     loop = FitLoop(trainer, parts, state, outputs, StopRequest(multi_process=lambda: False), position, metrics)
     attach_metrics(module, metrics)
+    hooks.setup(trainer=trainer, stage="validate")
     try:
         return loop.validate()
     except Exception as exc:
@@ -180,6 +187,8 @@ def validate_only(trainer: Trainer, module: nn.Module, val_loader: Any) -> dict[
         raise
     finally:
         attach_metrics(module, None)
+        module.__dict__.pop("_torchplug_loop", None)
+        hooks.teardown(trainer=trainer, stage="validate")
 
 
 def add_context(exc: BaseException, position: Position, state: RunState) -> None:

@@ -16,6 +16,7 @@ from torchplug import checkpoint as ckpt
 from torchplug.errors import MisconfigurationError, PluginError
 from torchplug.hookcalls import Hooks
 from torchplug.manager import PluginManager, get_plugin_manager
+from torchplug.modulehooks import check_module_methods, registered
 from torchplug.plugin import Role
 from torchplug.prepare import check_module, resolve_loaders
 from torchplug.run import FitOutcome, FitRun, validate_only
@@ -213,7 +214,7 @@ class Trainer:
     @property
     def plugin_names(self) -> list[str]:
         """The active plugins, in registration order, without the built-in defaults."""
-        return [rec.name for rec in self.pm.records if rec.source != "builtin"]
+        return [rec.name for rec in self.pm.records if rec.source not in ("builtin", "training module")]
 
     def plugin_for(self, role: Role) -> object | None:
         holders = self.pm.role_holders(role)
@@ -242,6 +243,14 @@ class Trainer:
         """Train ``model``; afterwards it holds the trained weights (also after multi-process
         runs), and ``global_step``, ``current_epoch`` and ``callback_metrics`` are set."""
         check_module(model)
+        check_module_methods(model)
+        if not getattr(model, "automatic_optimization", True) and (
+                self.accumulate_grad_batches > 1 or self.gradient_clip_val > 0):
+            raise MisconfigurationError(
+                f"{type(model).__name__} optimizes manually (automatic_optimization = False), so the Trainer "
+                f"neither accumulates nor clips: drop accumulate_grad_batches={self.accumulate_grad_batches} and "
+                f"gradient_clip_val={self.gradient_clip_val}, and do both in training_step."
+            )
         if ckpt_path is not None and not isinstance(ckpt_path, (str, os.PathLike)):
             raise MisconfigurationError(f"ckpt_path must be a path, got {ckpt_path!r} ({type(ckpt_path).__name__})")
         train_loader, val_loader = resolve_loaders(model, train_dataloaders, val_dataloaders)
@@ -283,7 +292,8 @@ class Trainer:
     def _fit_in_process(self, model: nn.Module, train_loader: Any, val_loader: Any,
                         resume: dict[str, Any] | None) -> FitOutcome:
         try:
-            outcome = FitRun(self, model, train_loader, val_loader, resume).run()
+            with registered(self, model):
+                outcome = FitRun(self, model, train_loader, val_loader, resume).run()
             if self.launched_copy and self.is_global_zero:
                 outcome.state_dict = {k: v.detach().cpu() for k, v in model.state_dict().items()}
         finally:
@@ -295,13 +305,15 @@ class Trainer:
         """Run ``validation_step`` over ``dataloaders`` (or ``model.val_dataloader()``) in this
         process and return the averaged metrics."""
         check_module(model, need_validation=True)
+        check_module_methods(model)
         _, val_loader = resolve_loaders(model, None, dataloaders, need_train=False)
         if val_loader is None:
             raise MisconfigurationError(
                 f"No validation data: pass validate(model, dataloaders=...) or define {type(model).__name__}"
                 ".val_dataloader()."
             )
-        metrics = validate_only(self, model, val_loader)
+        with registered(self, model):
+            metrics = validate_only(self, model, val_loader)
         self.callback_metrics.update(metrics)
         return metrics
 

@@ -226,3 +226,16 @@ def preinitialised_worker(rank: int, world: int, store_path: str, out_dir: str, 
         Path(out_dir, f"still-initialised-rank{rank}").write_text(str(dist.is_initialized()))
     finally:
         dist.destroy_process_group()
+
+
+class RankLogger(Regressor):
+    """Logs ``(rank + 1) * (batch_idx + 1)`` per step: its epoch mean is 2.5 on rank 0 and 5.0 on
+    rank 1 with 4 batches a rank, so the mean over both ranks is 3.75."""
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        rank = dist.get_rank() if dist.is_initialized() else 0
+        value = torch.tensor(float((rank + 1) * (batch_idx + 1)))
+        self.log("synced", value, on_step=False, on_epoch=True, sync_dist=True)
+        self.log("local", value, on_step=False, on_epoch=True)
+        self.log("synced_sum", value, on_epoch=True, on_step=False, reduce_fx="sum", sync_dist=True)
+        return super().training_step(batch, batch_idx)

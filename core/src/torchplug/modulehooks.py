@@ -1,0 +1,277 @@
+"""The user's module as a plugin: Lightning's module hooks, called through the same hooks as
+every plugin's, and refused before any work when torchplug would not call them.
+
+For each fit, :func:`module_plugin` builds an adapter with one hook implementation per hook the
+module defines; the Trainer registers it right after the built-in defaults, so pluggy calls it
+after every other plugin (Lightning calls callbacks first, then the module). The adapter passes
+the module method Lightning's positional arguments (``on_train_batch_end(outputs, batch,
+batch_idx, dataloader_idx)``), as many as the method takes: Lightning 1.x and 2.x signatures
+both work, whatever the parameters are called.
+
+:func:`check_module_methods` refuses, naming the method and the fix, a public method that is one
+typo from a hook or step name, a Lightning hook torchplug does not call, and a plugin hook
+defined on the module (it belongs on a :class:`torchplug.Plugin`).
+"""
+
+from __future__ import annotations
+
+import difflib
+import inspect
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from types import SimpleNamespace
+from typing import TYPE_CHECKING, Any, cast
+
+from torch import nn
+
+from torchplug import hookspecs
+from torchplug._validation import distance
+from torchplug.errors import MisconfigurationError
+from torchplug.hookspecs import hookimpl
+
+if TYPE_CHECKING:
+    from torchplug.trainer import Trainer
+
+#: The name the adapter is registered under (``Hooks.wrap_error`` lets its errors through unchanged).
+PLUGIN_NAME = "torchplug.module"
+
+Call = Callable[..., None]
+
+
+def _optimizer_index(trainer: Trainer, optimizer: Any) -> int:
+    return next((i for i, opt in enumerate(trainer.optimizers) if opt is optimizer), 0)
+
+
+# module hook → the implementation, given ``f`` (the module's method, cut to its arity). Each
+# implementation names the hookspec arguments it needs (pluggy passes those, by their names) and
+# gives the method Lightning's positional arguments; dataloader_idx is 0 (one loader).
+MODULE_HOOKS: dict[str, Callable[[Call], Call]] = {
+    "setup": lambda f: lambda stage: f(stage),
+    "teardown": lambda f: lambda stage: f(stage),
+    "on_fit_start": lambda f: lambda: f(),
+    "on_fit_end": lambda f: lambda: f(),
+    "on_train_start": lambda f: lambda: f(),
+    "on_train_end": lambda f: lambda: f(),
+    "on_epoch_start": lambda f: lambda: f(),
+    "on_epoch_end": lambda f: lambda: f(),
+    "on_train_epoch_start": lambda f: lambda: f(),
+    "on_train_epoch_end": lambda f: lambda: f(),
+    "on_train_batch_start": lambda f: lambda batch, batch_idx: f(batch, batch_idx, 0),
+    "on_train_batch_end": lambda f: lambda outputs, batch, batch_idx: f(outputs, batch, batch_idx, 0),
+    "on_before_backward": lambda f: lambda loss: f(loss),
+    "on_after_backward": lambda f: lambda: f(),
+    "on_before_optimizer_step": lambda f: lambda trainer, optimizer: f(optimizer, _optimizer_index(trainer, optimizer)),
+    "on_before_zero_grad": lambda f: lambda optimizer: f(optimizer),
+    "training_epoch_end": lambda f: lambda outputs: f(outputs),
+    "on_validation_start": lambda f: lambda: f(),
+    "on_validation_epoch_start": lambda f: lambda: f(),
+    "on_validation_batch_start": lambda f: lambda batch, batch_idx: f(batch, batch_idx, 0),
+    "on_validation_batch_end": lambda f: lambda outputs, batch, batch_idx: f(outputs, batch, batch_idx, 0),
+    "validation_epoch_end": lambda f: lambda outputs: f(outputs),
+    "on_validation_epoch_end": lambda f: lambda: f(),
+    "on_validation_end": lambda f: lambda: f(),
+    "on_save_checkpoint": lambda f: lambda checkpoint: f(checkpoint),
+    "on_load_checkpoint": lambda f: lambda checkpoint: f(checkpoint),
+}
+
+#: How many positional arguments Lightning passes where it is more than the hookspec names.
+LIGHTNING_ARITY = {"on_train_batch_start": 3, "on_train_batch_end": 4, "on_validation_batch_start": 3,
+                   "on_validation_batch_end": 4, "on_before_optimizer_step": 2}
+
+
+#: The module's own API: what the loop calls on it directly, and what TrainingModule provides.
+MODULE_API = frozenset({
+    "forward", "training_step", "validation_step", "test_step", "predict_step", "configure_optimizers",
+    "train_dataloader", "val_dataloader", "test_dataloader", "predict_dataloader", "prepare_data",
+    "optimizer_step", "optimizer_zero_grad", "configure_callbacks", "log", "log_dict", "optimizers",
+    "lr_schedulers", "manual_backward", "save_hyperparameters", "toggle_optimizer", "untoggle_optimizer",
+    "test_epoch_end",
+})
+
+#: Lightning hooks and overrides torchplug does not call, with what to do instead.
+UNSUPPORTED: dict[str, str] = {
+    "on_train_dataloader": "build the loader in train_dataloader() (Lightning deprecated this hook in 1.x)",
+    "on_val_dataloader": "build the loader in val_dataloader() (Lightning deprecated this hook in 1.x)",
+    "on_test_dataloader": "build the loader in test_dataloader() (Lightning deprecated this hook in 1.x)",
+    "on_pretrain_routine_start": "use setup(stage) or on_fit_start()",
+    "on_pretrain_routine_end": "use on_fit_start() or on_train_start()",
+    "tbptt_split_batch": "truncated backpropagation through time is not supported: split the sequence in "
+                         "training_step",
+    "on_hpc_save": "SLURM HPC checkpoints are not supported: use on_save_checkpoint(checkpoint)",
+    "on_hpc_load": "SLURM HPC checkpoints are not supported: use on_load_checkpoint(checkpoint)",
+    "training_step_end": "*_step_end exists for DataParallel, which torchplug does not run: finish the work "
+                         "at the end of training_step",
+    "validation_step_end": "*_step_end exists for DataParallel: finish the work at the end of validation_step",
+    "test_step_end": "*_step_end exists for DataParallel: finish the work at the end of test_step",
+    "backward": "the precision plugin owns backward (loss scaling): use on_before_backward(loss)/"
+                "on_after_backward(), or manual optimization (automatic_optimization = False and "
+                "self.manual_backward(loss))",
+    "transfer_batch_to_device": "the batch is moved by the on_before_forward hook: implement it on a "
+                                "torchplug.Plugin and pass Trainer(plugins=[...])",
+    "on_before_batch_transfer": "implement on_before_forward(model, args) on a torchplug.Plugin",
+    "on_after_batch_transfer": "implement on_before_forward(model, args) on a torchplug.Plugin",
+    "configure_apex": "subclass torchplug_apex.ApexPlugin, override configure_apex there and pass "
+                      "Trainer(plugins=[MyApex()])",
+    "configure_ddp": "subclass torchplug_ddp.DDPPlugin, override configure_ddp there and pass "
+                     "Trainer(plugins=[MyDDP()])",
+    "init_ddp_connection": "the ddp plugin's setup_environment initialises the process group: subclass "
+                           "torchplug_ddp.DDPPlugin to change it",
+    "configure_sync_batchnorm": "convert the model with torch.nn.SyncBatchNorm.convert_sync_batchnorm before fit",
+    "get_progress_bar_dict": "log what the bar shows with self.log(name, value, prog_bar=True)",
+    "on_batch_start": "use on_train_batch_start(batch, batch_idx, dataloader_idx) (Lightning deprecated "
+                      "on_batch_start in 1.x)",
+    "on_batch_end": "use on_train_batch_end(outputs, batch, batch_idx, dataloader_idx) (Lightning deprecated "
+                    "on_batch_end in 1.x)",
+    "configure_gradient_clipping": "use Trainer(gradient_clip_val=...), or a plugin's clip_gradients hook",
+    "on_before_accelerator_backend_setup": "use setup(stage)",
+    "on_post_move_to_device": "use setup(stage) (the model is moved after it) or on_fit_start()",
+    "on_test_start": "torchplug has no test loop hooks yet: use test_epoch_end(outputs)",
+    "on_test_end": "torchplug has no test loop hooks yet: use test_epoch_end(outputs)",
+    "on_test_epoch_start": "torchplug has no test loop hooks yet",
+    "on_test_epoch_end": "torchplug has no test loop hooks yet: use test_epoch_end(outputs)",
+    "on_test_batch_start": "torchplug has no test loop hooks yet",
+    "on_test_batch_end": "torchplug has no test loop hooks yet",
+    "on_predict_start": "torchplug has no predict loop hooks",
+    "on_predict_end": "torchplug has no predict loop hooks",
+    "on_predict_epoch_start": "torchplug has no predict loop hooks",
+    "on_predict_epoch_end": "torchplug has no predict loop hooks",
+    "on_predict_batch_start": "torchplug has no predict loop hooks",
+    "on_predict_batch_end": "torchplug has no predict loop hooks",
+}
+
+_NN_MODULE = frozenset(dir(nn.Module))
+_KNOWN = sorted(set(MODULE_HOOKS) | MODULE_API | set(hookspecs.HOOK_NAMES) | set(UNSUPPORTED))
+
+
+def _user_methods(module: nn.Module) -> dict[str, Any]:
+    """Public functions defined by the module's own classes (not TrainingModule's, not nn.Module's)."""
+    from torchplug.module import TrainingModule
+
+    found: dict[str, Any] = {}
+    for cls in type(module).__mro__:
+        if cls in (TrainingModule, nn.Module, object) or not issubclass(cls, nn.Module) \
+                or cls.__module__.startswith("torch."):
+            continue
+        for name, value in vars(cls).items():
+            if name.startswith("_") or name in found or not (inspect.isfunction(value) or isinstance(
+                    value, (staticmethod, classmethod))):
+                continue
+            found[name] = value
+    return found
+
+
+def positional_arity(method: Any) -> float:
+    """How many positional arguments a bound method takes (``inf`` with ``*args``)."""
+    try:
+        params = inspect.signature(method).parameters.values()
+    except (TypeError, ValueError):
+        return float("inf")
+    if any(p.kind is p.VAR_POSITIONAL for p in params):
+        return float("inf")
+    return sum(p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD) for p in params)
+
+
+def _required(method: Any) -> int:
+    try:
+        params = inspect.signature(method).parameters.values()
+    except (TypeError, ValueError):
+        return 0
+    return sum(p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD) and p.default is p.empty for p in params)
+
+
+def _where(module: nn.Module, name: str) -> str:
+    method = getattr(module, name)
+    try:
+        sig = f"{name}{inspect.signature(method)}"
+    except (TypeError, ValueError):
+        sig = name
+    return f"{type(module).__qualname__}.{sig} (module {type(module).__module__})"
+
+
+def check_module_methods(module: nn.Module) -> None:
+    """Refuse, before any work, a module method torchplug would silently not call."""
+    for name in _user_methods(module):
+        if name in _NN_MODULE:
+            continue  # an nn.Module override (state_dict, train, extra_repr ...)
+        if name in MODULE_HOOKS:
+            passed = LIGHTNING_ARITY.get(name, MODULE_HOOKS[name](_ignore).__code__.co_argcount)
+            needed = _required(getattr(module, name))
+            if name == "on_train_epoch_end" and needed:
+                raise MisconfigurationError(
+                    f"{_where(module, name)} takes the epoch's outputs, as in Lightning 1.1; torchplug calls "
+                    "on_train_epoch_end() without them (as Lightning >= 1.5 does). Move the code to "
+                    "training_epoch_end(self, outputs), or drop the parameter."
+                )
+            if needed > passed:
+                raise MisconfigurationError(
+                    f"{_where(module, name)} needs {needed} arguments, but torchplug calls the module hook "
+                    f"{name!r} with {passed} (Lightning's). Give the extra parameters defaults."
+                )
+            continue
+        if name in MODULE_API:
+            continue
+        if name in UNSUPPORTED:
+            raise MisconfigurationError(
+                f"{_where(module, name)} is a Lightning hook that torchplug does not call: {UNSUPPORTED[name]}. "
+                f"Rename it '_{name}' if it is a helper."
+            )
+        if name in hookspecs.HOOK_NAMES:
+            raise MisconfigurationError(
+                f"{_where(module, name)} is a plugin hook, which torchplug does not call on the module: implement "
+                f"it on a torchplug.Plugin subclass and pass Trainer(plugins=[MyPlugin()]), or rename it '_{name}'."
+            )
+        limit = 1 if len(name) <= 8 else 2
+        if name.startswith("on_") or any(distance(name, known) <= limit for known in _KNOWN):
+            close = difflib.get_close_matches(name, _KNOWN, n=1, cutoff=0.6)
+            advice = f" Did you mean {close[0]!r}?" if close else ""
+            raise MisconfigurationError(
+                f"{_where(module, name)} looks like a hook, but torchplug has no module hook {name!r}, so it "
+                f"would never be called.{advice} The module hooks are listed in torchplug.modulehooks.MODULE_HOOKS; "
+                f"rename it '_{name}' if it is a helper."
+            )
+
+
+def _ignore(*args: Any) -> None:
+    return None
+
+
+def _cut(method: Any) -> Call:
+    """``method`` called with at most as many positional arguments as it takes."""
+    arity = positional_arity(method)
+    if arity == float("inf"):
+        return cast(Call, method)
+    n = int(arity)
+
+    def call(*args: Any) -> None:
+        method(*args[:n])
+
+    return call
+
+
+@contextmanager
+def registered(trainer: Trainer, module: nn.Module) -> Iterator[None]:
+    """The module's hooks registered with the trainer's plugins for the block (a fit in this
+    process: spawned workers register their own copy of the module)."""
+    plugin = module_plugin(module)
+    if plugin is None:
+        yield
+        return
+    trainer.pm.register_before_plugins(plugin, PLUGIN_NAME)
+    trainer.hooks.refresh()
+    try:
+        yield
+    finally:
+        trainer.pm.unregister(plugin)
+        trainer.hooks.refresh()
+
+
+def module_plugin(module: nn.Module) -> object | None:
+    """The adapter that implements the module's hooks, or ``None`` when it defines none."""
+    user = _user_methods(module)
+    impls = {name: hookimpl(MODULE_HOOKS[name](_cut(getattr(module, name)))) for name in MODULE_HOOKS
+             if name in user}
+    return SimpleNamespace(**impls) if impls else None
+
+
+__all__ = ["LIGHTNING_ARITY", "MODULE_API", "MODULE_HOOKS", "PLUGIN_NAME", "UNSUPPORTED", "check_module_methods",
+           "module_plugin", "registered"]
