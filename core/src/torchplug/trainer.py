@@ -179,7 +179,8 @@ class Trainer(PluginFacingTrainer):
         self._module_callbacks: list[object] = []
         self._module_callbacks_for: int | None = None
         self.pm: PluginManager = get_plugin_manager(
-            list(plugins) + self._trainer_callbacks, role_defaults=self._role_defaults(), blocked=list(blocked_plugins), autoload=autoload_plugins
+            list(plugins) + self._trainer_callbacks, role_defaults=self._role_defaults(), blocked=list(blocked_plugins),
+            autoload=autoload_plugins
         )
         self.hooks = Hooks(self.pm)
         self.hooks.check_configuration(trainer=self)

@@ -82,7 +82,7 @@ class PluginFacingTrainer:
         else:
             self._stop_without_fit = value
 
-    def reduce_boolean_decision(self, decision: bool, all: bool = False) -> bool:  # noqa: A002 (Lightning's name)
+    def reduce_boolean_decision(self, decision: bool, all: bool = False) -> bool:  # Lightning's names
         """The same decision on every rank: ``True`` if any rank decided ``True`` (``all=False``)
         or if every rank did (``all=True``). One collective through the ``reduce`` hook (and one
         host read) under several processes; nothing at all in one. Call it on every rank, at
