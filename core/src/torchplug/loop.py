@@ -154,8 +154,11 @@ class FitLoop:
     def _end_epoch(self, epoch: int) -> None:
         trainer, state = self.trainer, self.state
         self.position.phase = None
+        # The epoch's metrics are in callback_metrics for on_train_epoch_end (early stopping on a
+        # training metric), and written after it with what plugins logged there: one row.
+        pending = self.take_logged()
         self.hooks.on_train_epoch_end(trainer=trainer, epoch=epoch)
-        self.log_train()
+        self.log_train(pending)
         if self.val_loader is not None and trainer.limit_val_batches != 0 \
                 and (epoch + 1) % trainer.check_val_every_n_epoch == 0:
             self.validate()
@@ -251,13 +254,9 @@ class FitLoop:
         self.losses.flush(state.global_step)
         if state.skipped_steps:
             state.callback_metrics["skipped_steps"] = float(state.skipped_steps)
-        values = dict(event or {})
-        if self.metrics.train:
-            values.update(to_floats(self.metrics.train))
-            self.metrics.train.clear()
+        values = {**(event or {}), **self.take_logged()}
         if not values:
             return
-        state.callback_metrics.update(values)
         logged = {k: v for k, v in values.items() if k not in self.metrics.not_logged}
         if logged:
             state.logged_metrics.update(logged)
@@ -265,6 +264,16 @@ class FitLoop:
             if self.trainer.is_global_zero:
                 self.hooks.on_log_metrics(trainer=self.trainer, metrics=logged, step=state.global_step)
         self.outputs.progress.show(state.callback_metrics, self.metrics.prog_bar)
+
+    def take_logged(self) -> dict[str, float]:
+        """The training metrics logged since the last row, as floats (one host transfer), now
+        in ``callback_metrics``; the store is emptied."""
+        if not self.metrics.train:
+            return {}
+        values = to_floats(self.metrics.train)
+        self.metrics.train.clear()
+        self.state.callback_metrics.update(values)
+        return values
 
     # -- checkpoints -------------------------------------------------------------------------
     def checkpoint(self) -> None:

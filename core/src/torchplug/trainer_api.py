@@ -4,6 +4,7 @@ Everything here is public and typed; a plugin in this repository needs nothing e
 Trainer (``core/tests/test_plugin_api.py`` fails when one touches a private attribute):
 
 * ``trainer.model`` / ``trainer.lightning_module``: the user's module, from the fit's setup on;
+* ``trainer.fitting``: a fit is running in this process;
 * ``trainer.should_stop``: set it to end the fit at the end of the current optimizer step (or
   epoch), like ``max_steps`` does;
 * ``trainer.reduce_boolean_decision(decision, all=False)``: one decision for every rank;
@@ -60,6 +61,13 @@ class PluginFacingTrainer:
     def lightning_module(self) -> nn.Module | None:
         """Lightning's name for :attr:`model`: the user's module."""
         return self.model
+
+    @property
+    def fitting(self) -> bool:
+        """Whether a fit is running in this process, from its setup on (``False`` during
+        ``Trainer.validate``, whose ``on_validation_end`` a callback may then ignore)."""
+        run = self._run
+        return run is not None and run.loop is not None and not run.stop.stopping
 
     @property
     def should_stop(self) -> bool:
