@@ -48,8 +48,11 @@ def test_early_stopping_stops_at_the_expected_epoch(make_trainer: Any) -> None:
     trainer = fit(make_trainer, Scripted(), callbacks=[stopper])
     # best at epoch 2 (0.5); epochs 3 and 4 do not improve: stop after epoch 4
     assert trainer.current_epoch == 5
-    assert stopper.stopped_epoch == 4 and stopper.wait_count == 2 and stopper.best_score == 0.5
-    assert trainer.global_step == 10 and trainer.should_stop
+    assert stopper.stopped_epoch == 4
+    assert stopper.wait_count == 2
+    assert stopper.best_score == 0.5
+    assert trainer.global_step == 10
+    assert trainer.should_stop
     saved = ckpt.load(trainer.checkpoint_path)
     assert saved["epoch"] == 5
     assert saved["callbacks"][stopper.state_key]["wait_count"] == 2
@@ -76,7 +79,8 @@ def test_early_stopping_resume_continues_the_patience_counter(make_trainer: Any)
     stopper = EarlyStopping("val_loss", patience=2)
     trainer = make_trainer(max_epochs=10, callbacks=[stopper])
     trainer.fit(model, tiny_loader(n=16, batch_size=8), tiny_loader(n=8, batch_size=8), ckpt_path=first.checkpoint_path)
-    assert trainer.current_epoch == 5 and stopper.stopped_epoch == 4  # as without the interruption
+    assert trainer.current_epoch == 5
+    assert stopper.stopped_epoch == 4
 
 
 def test_a_monitor_never_logged_names_the_logged_metrics(make_trainer: Any) -> None:
@@ -84,7 +88,8 @@ def test_a_monitor_never_logged_names_the_logged_metrics(make_trainer: Any) -> N
         fit(make_trainer, Scripted(), callbacks=[EarlyStopping(monitor="val_acc")])
     cause = info.value.__cause__
     assert isinstance(cause, MisconfigurationError)
-    assert "'val_acc', which was never logged" in str(cause) and "'train_loss', 'val_loss'" in str(cause)
+    assert "'val_acc', which was never logged" in str(cause)
+    assert "'train_loss', 'val_loss'" in str(cause)
     with pytest.raises(PluginHookError, match="model_checkpoint"):
         fit(make_trainer, Scripted(), callbacks=[ModelCheckpoint(monitor="val_acc")])
     with pytest.raises(MisconfigurationError, match="enable_checkpointing=False"):
@@ -101,18 +106,22 @@ def test_model_checkpoint_keeps_exactly_the_top_k_and_each_resumes(make_trainer:
     assert {p.name for p in (tmp_path / "best").iterdir()} == expected | {"last.ckpt"}
     assert {Path(p).name: s for p, s in saver.best_k_models.items()} == pytest.approx({  # float32 means
         "epoch=2-val_loss=0.50.ckpt": 0.5, "epoch=4-val_loss=0.55.ckpt": 0.55, "epoch=3-val_loss=0.60.ckpt": 0.6})
-    assert Path(saver.best_model_path).name == "epoch=2-val_loss=0.50.ckpt" and saver.best_model_score == 0.5
+    assert Path(saver.best_model_path).name == "epoch=2-val_loss=0.50.ckpt"
+    assert saver.best_model_score == 0.5
     for name in expected:
         path = tmp_path / "best" / name
         data = ckpt.load(path)
         epoch = int(name.split("-")[0].split("=")[1])
-        assert data["epoch"] == epoch and data["global_step"] == 2 * (epoch + 1)
+        assert data["epoch"] == epoch
+        assert data["global_step"] == 2 * (epoch + 1)
         resumed = make_trainer(max_epochs=epoch + 2, enable_checkpointing=True)
         resumed.fit(TinyMLP(), tiny_loader(n=16, batch_size=8), ckpt_path=path)
-        assert resumed.current_epoch == epoch + 2 and resumed.global_step == 2 * (epoch + 2)
+        assert resumed.current_epoch == epoch + 2
+        assert resumed.global_step == 2 * (epoch + 2)
     # resume continues the top-k list: the files from before count, new better ones replace them
     model = Scripted((0.1, 0.2) * 5)
-    again = ModelCheckpoint(dirpath=tmp_path / "best", monitor="val_loss", save_top_k=3, filename="{epoch}-{val_loss:.2f}")
+    again = ModelCheckpoint(dirpath=tmp_path / "best", monitor="val_loss", save_top_k=3,
+                            filename="{epoch}-{val_loss:.2f}")
     make_trainer(max_epochs=9, callbacks=[again]).fit(model, tiny_loader(n=16, batch_size=8),
                                                       tiny_loader(n=8, batch_size=8), ckpt_path=trainer.checkpoint_path)
     assert sorted(Path(p).name for p in again.best_k_models) == [
@@ -165,7 +174,8 @@ def test_model_checkpoint_sigkill_during_a_save_leaves_every_kept_file_loadable(
     assert kept, "nothing was saved before the kill"
     for path in kept:
         data = ckpt.load(path)
-        assert set(data["callbacks"]) and data["global_step"] > 0
+        assert set(data["callbacks"])
+        assert data["global_step"] > 0
     # saves: epoch 0 (top-k), last.ckpt, epoch 1 (top-k), then the 4th call (last.ckpt of epoch 1) dies
     assert [p.name for p in kept] == ["epoch=0-val_loss=1.000.ckpt", "epoch=1-val_loss=0.800.ckpt"]
 
