@@ -53,7 +53,8 @@ def test_public_api_during_fit(make_trainer: Any) -> None:
     model = TinyMLP()
     trainer.fit(model, tiny_loader(n=32, batch_size=8), tiny_loader(n=8))
     assert watcher.models == [model, model]
-    assert trainer.model is model and trainer.lightning_module is model
+    assert trainer.model is model
+    assert trainer.lightning_module is model
     # Rows: step 3 (interval), epoch 0's end (step 4), its validation, step 6, epoch 1's end, validation
     steps = [step for step, _ in watcher.rows]
     assert steps == [3, 4, 4, 6, 8, 8]
@@ -150,7 +151,8 @@ def private_uses(source: str, filename: str) -> list[str]:
 
 
 def test_the_scan_catches_private_access() -> None:
-    code = "def f(trainer, self):\n    trainer._run.x\n    self.trainer._outcome\n    self._trainer._pm\n    trainer.log\n"
+    code = ("def f(trainer, self):\n    trainer._run.x\n    self.trainer._outcome\n    self._trainer._pm\n"
+            "    trainer.log\n")
     assert [line.split(": ")[1] for line in private_uses(code, "x.py")] == [
         "trainer._run", "self.trainer._outcome", "self._trainer._pm"]
 
