@@ -4,7 +4,7 @@ Everything here is public and typed; a plugin in this repository needs nothing e
 Trainer (``core/tests/test_plugin_api.py`` fails when one touches a private attribute):
 
 * ``trainer.model`` / ``trainer.lightning_module``: the user's module, from the fit's setup on;
-* ``trainer.fitting``: a fit is running in this process;
+* ``trainer.fitting``: a fit is running in this process; ``trainer.arguments``: its arguments;
 * ``trainer.should_stop``: set it to end the fit at the end of the current optimizer step (or
   epoch), like ``max_steps`` does;
 * ``trainer.reduce_boolean_decision(decision, all=False)``: one decision for every rank;
@@ -50,6 +50,7 @@ class PluginFacingTrainer:
     val_dataloaders: Any
     #: the LR schedulers with their interval (``"step"``/``"epoch"``) and monitored metric
     lr_scheduler_configs: list[SchedulerConfig]
+    _init_args: dict[str, Any]
     _run: FitRun | None
     _outcome: FitOutcome | None
     _stop_without_fit: bool
@@ -61,6 +62,12 @@ class PluginFacingTrainer:
     def lightning_module(self) -> nn.Module | None:
         """Lightning's name for :attr:`model`: the user's module."""
         return self.model
+
+    @property
+    def arguments(self) -> dict[str, Any]:
+        """The arguments this Trainer was built with, by name (a copy; e.g. for a logger's
+        hyperparameters)."""
+        return dict(self._init_args)
 
     @property
     def fitting(self) -> bool:
