@@ -8,6 +8,7 @@ from typing import Any
 
 import pytest
 from tb_support import RankReport, Scripted, read_scalars
+from torchplug_ddp import DDPPlugin
 from torchplug_tensorboard import TensorBoardLogger
 
 from torchplug import MisconfigurationError, Trainer
@@ -67,7 +68,7 @@ def test_two_gloo_ranks_stop_at_the_same_epoch_and_rank_zero_alone_writes(tmp_pa
     out.mkdir()
     saver = ModelCheckpoint(dirpath=tmp_path / "best", monitor="val_loss")
     trainer = Trainer(**quiet(tmp_path, devices=2, max_epochs=10,
-                              plugins=[TensorBoardLogger(), RankReport(str(out))],
+                              plugins=[DDPPlugin(timeout=60), TensorBoardLogger(), RankReport(str(out))],
                               callbacks=[EarlyStopping(monitor="val_loss", patience=2), saver]))
     trainer.fit(Scripted(), tiny_loader(n=32, batch_size=8), tiny_loader(n=16, batch_size=8))
     reports = [json.loads((out / f"rank{r}.json").read_text()) for r in (0, 1)]
