@@ -8,7 +8,6 @@ from typing import Any
 
 import pytest
 from tb_support import RankReport, Scripted, read_scalars
-from torchplug_ddp import DDPPlugin
 from torchplug_tensorboard import TensorBoardLogger
 
 from torchplug import MisconfigurationError, Trainer
@@ -16,6 +15,7 @@ from torchplug.callbacks import EarlyStopping, LearningRateMonitor, ModelCheckpo
 from torchplug.metrics import read_csv
 from torchplug.testing.conformance import CallbackPluginContract
 from torchplug.testing.models import TinyMLP, tiny_loader
+from torchplug_ddp import DDPPlugin
 
 
 def quiet(tmp_path: Path, **kwargs: Any) -> dict[str, Any]:
