@@ -63,10 +63,10 @@ def test_without_a_run_folder_it_is_refused_before_any_work(tmp_path: Path) -> N
 @pytest.mark.timeout(180)
 def test_two_gloo_ranks_stop_at_the_same_epoch_and_rank_zero_alone_writes(tmp_path: Path) -> None:
     """EarlyStopping under devices=2: every rank stops after epoch 4 (best at 2, patience 2);
-    one event file, from rank 0; the kept checkpoint is the best one."""
+    one event file, from rank 0; ModelCheckpoint keeps the best one in rank 0's run folder."""
     out = tmp_path / "ranks"
     out.mkdir()
-    saver = ModelCheckpoint(dirpath=tmp_path / "best", monitor="val_loss")
+    saver = ModelCheckpoint(monitor="val_loss")  # rank 0's run folder, broadcast to rank 1
     trainer = Trainer(**quiet(tmp_path, devices=2, max_epochs=10,
                               plugins=[DDPPlugin(timeout=60), TensorBoardLogger(), RankReport(str(out))],
                               callbacks=[EarlyStopping(monitor="val_loss", patience=2), saver]))
@@ -78,7 +78,8 @@ def test_two_gloo_ranks_stop_at_the_same_epoch_and_rank_zero_alone_writes(tmp_pa
     events = list(Path(trainer.log_dir).glob("events.out.tfevents.*"))
     assert len(events) == 1
     assert [step for step, _ in read_scalars(Path(trainer.log_dir))["val_loss"]] == [2, 4, 6, 8, 10]
-    assert [p.name for p in (tmp_path / "best").iterdir()] == ["epoch=2-val_loss=0.500.ckpt"]
+    folder = Path(trainer.log_dir) / "checkpoints"
+    assert sorted(p.name for p in folder.iterdir()) == ["epoch=2-val_loss=0.500.ckpt", "last.ckpt"]
 
 
 class TestTensorBoardContract(CallbackPluginContract):
