@@ -325,6 +325,7 @@ class FitLoop:
         if self.model is self.module:
             return False
         self.model = self.module
+        self._training_step = cast(StepModule, self.module).training_step  # it was the wrapper
         return True
 
 
