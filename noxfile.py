@@ -1,6 +1,6 @@
 """nox sessions: each package's tests, the built wheels in a fresh environment, lint, types, demo.
 
-    nox -s tests-core tests-ddp tests-native-amp tests-apex   # one package each, editable installs
+    nox -s tests-core tests-ddp tests-native-amp tests-apex tests-tensorboard   # one package each, editable
     nox -s wheels       # build the 4 wheels into dist/, pip install "torchplug[all]" from there into
                         # a fresh venv, run tests/ against them (site-packages, never the source tree)
     nox -s lint typecheck demo
@@ -32,6 +32,7 @@ PROJECTS = {
     "torchplug-ddp": ROOT / "plugins" / "ddp_plugin",
     "torchplug-native-amp": ROOT / "plugins" / "native_amp",
     "torchplug-apex": ROOT / "plugins" / "apex_plugin",
+    "torchplug-tensorboard": ROOT / "plugins" / "tensorboard_plugin",
 }
 DIST = ROOT / "dist"
 #: Shared from the interpreter running nox, with what they require. pip too: the venvs are made
@@ -45,7 +46,8 @@ TEST_TOOLS = ("pytest>=8", "pytest-timeout>=2.3", "setuptools>=77")
 RUFF = "ruff==0.17.6"
 MYPY = "mypy==2.4.1"
 
-nox.options.sessions = ["lint", "typecheck", "tests-core", "tests-ddp", "tests-native-amp", "tests-apex", "wheels"]
+nox.options.sessions = ["lint", "typecheck", "tests-core", "tests-ddp", "tests-native-amp", "tests-apex",
+                         "tests-tensorboard", "wheels"]
 nox.options.default_venv_backend = "venv"
 #: No ensurepip (~5 s a venv, and its old setuptools would shadow the shared one): installs run
 #: the pip of the interpreter running nox with --python (see pip()).
@@ -131,6 +133,12 @@ def tests_apex(session: nox.Session) -> None:
     package_tests(session, "torchplug-apex", "torchplug-ddp", tests=["plugins/apex_plugin/tests"])
 
 
+@nox.session(name="tests-tensorboard", **VENV)
+def tests_tensorboard(session: nox.Session) -> None:
+    """torchplug-tensorboard's tests (event files read back with tensorboard; one 2-rank run)."""
+    package_tests(session, "torchplug-tensorboard", "torchplug-ddp", tests=["plugins/tensorboard_plugin/tests"])
+
+
 @nox.session(**VENV)
 def wheels(session: nox.Session) -> None:
     """Build the four wheels into dist/, install "torchplug[all]" from that folder into this fresh
@@ -175,7 +183,7 @@ assert "apex" not in names, "a distribution named apex is installed"
 listed = {p["name"].lower() for p in json.loads(subprocess.run(
     [sys.executable, "-m", "pip", "list", "--format=json"], capture_output=True, text=True, check=True).stdout)}
 assert "apex" not in listed, "pip list shows apex"
-expected = {"torchplug", "torchplug-ddp", "torchplug-native-amp", "torchplug-apex"}
+expected = {"torchplug", "torchplug-ddp", "torchplug-native-amp", "torchplug-apex", "torchplug-tensorboard"}
 assert expected <= names, sorted(expected - names)
 for name in sorted(expected):
     direct = md.distribution(name).read_text("direct_url.json")

@@ -39,3 +39,12 @@ class FirstStepStamp(torchplug.Plugin):
         if batch_idx == 0 and trainer.is_global_zero:
             stamp(self.path, "first_step")
 
+
+
+class LoggingBenchModule(BenchModule):
+    """BenchModule that logs its loss each step (what EarlyStopping/ModelCheckpoint monitor)."""
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        loss = super().training_step(batch, batch_idx)
+        self.log("train_loss", loss)
+        return loss

@@ -98,6 +98,9 @@ def ddp_no_sync_rows(result: dict[str, Any]) -> list[Row]:
 PARTS = [
     Part("loop_overhead", "loop_overhead.py", [], ["--quick"], own_rows,
          "fp32 step time, Trainer vs hand loop, tiny and compute-bound MLP (+ Lightning)"),
+    Part("callbacks_overhead", "callbacks_overhead.py", [], ["--quick"], own_rows,
+         "tiny MLP step time with EarlyStopping + ModelCheckpoint + TensorBoard, vs a hand loop writing the same "
+         "TensorBoard scalars"),
     Part("amp_overhead", "amp_overhead.py", [], ["--quick"], own_rows,
          "bf16 native_amp step time on the CPU, Trainer vs hand autocast loop (+ Lightning)"),
     Part("ddp_step", "ddp_step.py", [], ["--quick"], own_rows,

@@ -59,6 +59,14 @@ def test_amp_overhead_quick_tiny() -> None:
 
 
 @pytest.mark.timeout(90)
+def test_callbacks_overhead_quick() -> None:
+    if not _installed("torchplug-tensorboard"):
+        pytest.skip("torchplug-tensorboard is not installed (pip install -e plugins/tensorboard_plugin)")
+    result = _result(_run(str(BENCH / "callbacks_overhead.py"), "--quick"))
+    _check_rows(result["rows"])
+
+
+@pytest.mark.timeout(90)
 def test_first_step_quick_one_process() -> None:
     result = _result(_run(str(BENCH / "first_step.py"), "--quick", "--no-ddp"))
     stamps = result["groups"]["one"]["stamps_median_s"]

@@ -43,8 +43,10 @@ for _name in HOOK_NAMES:
 
 
 def expected_fit(epochs: int, n_batches: int, accumulate: int, clip: bool, n_val: int, val_metrics: int,
-                 checkpoint: bool, resume: bool = False, first_epoch: int = 0) -> list[str]:
-    """The documented order (loop.py's docstring), written out independently of the loop."""
+                 checkpoint: bool, resume: bool = False, first_epoch: int = 0, logs: bool = True) -> list[str]:
+    """The documented order (loop.py's docstring), written out independently of the loop.
+    ``logs``: training_step logs a metric (Net's train_loss), so every epoch end writes a row;
+    log_every_n_steps is never reached here."""
     calls = ["launch", "setup_environment", "world_size", "global_rank", "setup", "root_device",
              "on_after_setup_optimizers", "connect_precision", "configure_ddp"]
     if resume:
@@ -65,6 +67,8 @@ def expected_fit(epochs: int, n_batches: int, accumulate: int, clip: bool, n_val
                 calls += ["optimizer_step", "on_before_zero_grad"]
             calls.append(f"on_train_batch_end:{i}")
         calls += ["training_epoch_end", f"on_train_epoch_end:{epoch}", "on_epoch_end"]
+        if logs:
+            calls.append("on_log_metrics")
         if n_val:
             calls += ["on_validation_start", "on_validation_epoch_start"]
             for j in range(n_val):
@@ -72,7 +76,7 @@ def expected_fit(epochs: int, n_batches: int, accumulate: int, clip: bool, n_val
                           "on_validation_batch_end"]
             calls += ["validation_epoch_end", "on_validation_epoch_end"]
             calls += ["reduce"] * val_metrics
-            calls.append("on_validation_end")
+            calls += ["on_validation_end", "on_log_metrics"]
         if checkpoint:
             calls += ["collect_state", "on_save_checkpoint"]
     calls += ["on_train_end", "on_fit_end", "teardown", "teardown_environment"]

@@ -1,4 +1,4 @@
-"""The three first-party plugins against torchplug's conformance suite.
+"""The first-party plugins and callbacks against torchplug's conformance suite.
 
 Each class is skipped, saying why, when its distribution is not installed in the environment
 under test (``pip install -e plugins/<name>``, or the wheels of ``nox -s wheels``). The apex
@@ -10,6 +10,7 @@ autocast contract is skipped, because the fake does not cast.
 
 from __future__ import annotations
 
+import functools
 import importlib
 import sys
 from collections.abc import Callable, Iterator
@@ -18,7 +19,8 @@ from typing import Any
 
 import pytest
 
-from torchplug.testing.conformance import PrecisionPluginContract, StrategyPluginContract
+from torchplug.callbacks import EarlyStopping, LearningRateMonitor, ModelCheckpoint
+from torchplug.testing.conformance import CallbackPluginContract, PrecisionPluginContract, StrategyPluginContract
 from torchplug.testing.models import TinyMLP
 
 REPO = Path(__file__).resolve().parents[2]
@@ -34,6 +36,8 @@ def _plugin_class(module: str, name: str, distribution: str, folder: str) -> tup
 
 
 DDPPlugin, _ddp_missing = _plugin_class("torchplug_ddp", "DDPPlugin", "torchplug-ddp", "plugins/ddp_plugin")
+TensorBoardLogger, _tb_missing = _plugin_class("torchplug_tensorboard", "TensorBoardLogger", "torchplug-tensorboard",
+                                               "plugins/tensorboard_plugin")
 NativeAMPPlugin, _amp_missing = _plugin_class("torchplug_native_amp", "NativeAMPPlugin", "torchplug-native-amp",
                                               "plugins/native_amp")
 
@@ -128,3 +132,28 @@ class TestApexPluginWithFakeApex(PrecisionPluginContract):
                       "docstring); real apex casts only on CUDA, where plugins/apex_plugin's GPU test checks it")
     def test_autocast_active_in_forward(self) -> None:
         raise AssertionError("skipped")
+
+
+class TestEarlyStopping(CallbackPluginContract):
+    @pytest.fixture
+    def plugin_factory(self) -> Callable[[], object]:
+        return functools.partial(EarlyStopping, monitor="train_loss", patience=1)
+
+
+class TestModelCheckpoint(CallbackPluginContract):
+    @pytest.fixture
+    def plugin_factory(self) -> Callable[[], object]:
+        return functools.partial(ModelCheckpoint, monitor="train_loss", save_top_k=2, save_last=True)
+
+
+class TestLearningRateMonitor(CallbackPluginContract):
+    @pytest.fixture
+    def plugin_factory(self) -> Callable[[], object]:
+        return functools.partial(LearningRateMonitor, logging_interval="step")
+
+
+@pytest.mark.skipif(TensorBoardLogger is None, reason=_tb_missing)
+class TestTensorBoardLogger(CallbackPluginContract):
+    @pytest.fixture
+    def plugin_factory(self) -> Callable[[], object]:
+        return TensorBoardLogger

@@ -420,7 +420,12 @@ def reduce(tensor: torch.Tensor, op: str) -> torch.Tensor | None:
 def on_fit_start(trainer: Trainer, model: nn.Module) -> None:
     """The fit loop is about to run its first step.
 
-    :param trainer: the Trainer.
+    :param trainer: the Trainer. From the fit's setup on, plugins use its public API
+        (:mod:`torchplug.trainer_api`): ``trainer.model``/``lightning_module`` (the user's
+        module), ``trainer.should_stop``, ``trainer.reduce_boolean_decision``,
+        ``trainer.log``, ``trainer.logged_metrics``/``callback_metrics``,
+        ``trainer.save_checkpoint`` (call it on every rank), ``trainer.log_dir``,
+        ``trainer.is_global_zero``.
     :param model: the user's module.
 
     Convention: all called, once per process, after setup and before the first step.
@@ -470,7 +475,8 @@ def on_train_epoch_end(trainer: Trainer, epoch: int) -> None:
     :param trainer: the Trainer.
     :param epoch: the 0-based epoch.
 
-    Convention: all called, at the end of every epoch.
+    Convention: all called, at the end of every epoch. What plugins log here with
+    ``trainer.log`` is written in the epoch's metrics row, right after this hook.
     """
 
 
@@ -481,7 +487,35 @@ def on_validation_end(trainer: Trainer, metrics: dict[str, float]) -> None:
     :param trainer: the Trainer.
     :param metrics: the validation metrics, averaged over batches and processes.
 
-    Convention: all called, after every validation run, on every process.
+    Convention: all called, after every validation run, on every process, with the metrics
+    already in ``trainer.callback_metrics`` (the same on every rank: decide early stopping or
+    which checkpoint to keep here). What plugins log here with ``trainer.log`` is written in
+    the validation's metrics row, after this hook.
+    """
+
+
+@hookspec
+def on_log_metrics(trainer: Trainer, metrics: dict[str, float], step: int) -> None:
+    """A metrics row was written: what a logger needs.
+
+    :param trainer: the Trainer.
+    :param metrics: the row, ``{name: value}`` as floats: the metrics logged (``self.log``,
+        ``trainer.log``) since the previous row, validation means included; without those
+        logged with ``logger=False``.
+    :param step: ``trainer.global_step`` when the row was written (the x axis of a logger).
+
+    Convention: all called, on global rank 0 only, each time a row is written to metrics.csv
+    (also with ``Trainer(logger=False)``, which only turns the CSV file off): every
+    ``log_every_n_steps`` optimizer steps, after ``on_train_epoch_end`` and after
+    ``on_validation_end``. Metrics a plugin logs from those two event hooks are in the row of
+    that event. The values are already on the host: a logger adds no device sync.
+
+    Example::
+
+        @hookimpl
+        def on_log_metrics(metrics, step):
+            for name, value in metrics.items():
+                writer.add_scalar(name, value, step)
     """
 
 

@@ -14,20 +14,26 @@ step happens. An epoch is a sequence of accumulation windows (:mod:`torchplug.da
                 → clip_gradients (gradient_clip_val > 0)
             → optimizer_step (may be skipped) → per optimizer: on_before_zero_grad → zero_grad(set_to_none=True)
             → LR schedulers (interval "step"; not after a skipped step)
+            → [on_log_metrics every log_every_n_steps]
         → on_train_batch_end
-    training_epoch_end(outputs) → on_train_epoch_end → on_epoch_end
+        → trainer.should_stop? (ends the fit like max_steps)
+    training_epoch_end(outputs) → on_train_epoch_end → on_epoch_end → on_log_metrics
     → validation: on_validation_start → on_validation_epoch_start
         → per batch: on_validation_batch_start → on_before_forward → forward_context → validation_step
           → on_validation_batch_end
-        → validation_epoch_end(outputs) → on_validation_epoch_end → reduce → on_validation_end
-    → LR schedulers (interval "epoch") → last.ckpt (collect_state → on_save_checkpoint)
+        → validation_epoch_end(outputs) → on_validation_epoch_end → reduce → on_validation_end → on_log_metrics
+    → LR schedulers (interval "epoch") → [should_stop reduced across ranks]
+    → last.ckpt (collect_state → on_save_checkpoint)
     after the last epoch: on_train_end → on_fit_end
 
 The user's module implements these hooks like any plugin and runs after the plugins
 (:mod:`torchplug.modulehooks`).
 
-Counters live in the run's :class:`torchplug.state.RunState`. A stop requested by SIGTERM or
-Ctrl-C (:mod:`torchplug.signals`) takes effect at the end of the current optimizer step.
+``on_log_metrics`` (global rank 0) gets each metrics row when it is written, with what plugins
+logged (``trainer.log``) in the event hook just before it. Counters live in the run's
+:class:`torchplug.state.RunState`. A stop requested by SIGTERM or Ctrl-C
+(:mod:`torchplug.signals`) takes effect at the end of the current optimizer step, as does
+``trainer.should_stop``.
 """
 
 from __future__ import annotations
@@ -128,7 +134,7 @@ class FitLoop:
                     self.outputs.progress.update()
                 if window.open:
                     break  # the loader ran dry inside this window
-                if self.max_steps_reached():
+                if self.max_steps_reached() or state.should_stop:  # should_stop: a plain bool, no host read
                     if self._epoch_trained():
                         self._end_epoch(epoch)  # the epoch still ends if its last batch was trained
                     self._finish()
@@ -240,6 +246,11 @@ class FitLoop:
     def _end_epoch(self, epoch: int) -> None:
         trainer, state = self.trainer, self.state
         self.position.phase = None
+        # The epoch's values (means of on_epoch metrics, last step values) are in callback_metrics for
+        # the epoch-end hooks (early stopping on a training metric), and written after them with what
+        # plugins and the module logged there: one row for the event.
+        self.metrics.end_train_epoch()
+        pending = self.take_logged()
         self.metrics.epoch_end = True  # a self.log in these hooks logs an epoch value
         try:
             if self.epoch_outputs is not None:
@@ -250,7 +261,7 @@ class FitLoop:
         finally:
             self.metrics.epoch_end = False
         self.metrics.end_train_epoch()
-        self.log_train()
+        self.log_train(pending)
         if self.val_loader is not None and trainer.limit_val_batches != 0 \
                 and (epoch + 1) % trainer.check_val_every_n_epoch == 0:
             self.validate()
@@ -266,6 +277,8 @@ class FitLoop:
                     f"step logged (self.log); logged so far: {sorted(state.callback_metrics)}."
                 )
             sched.scheduler.step(state.callback_metrics[sched.monitor])
+        if trainer.world_size > 1:  # once per epoch: a rank that asked to stop stops them all, at the same step
+            state.should_stop = trainer.reduce_boolean_decision(state.should_stop)
         state.epoch = epoch + 1
         state.batch_in_epoch = 0
         state.epoch_rng = None
@@ -281,7 +294,8 @@ class FitLoop:
 
     def finished(self) -> bool:
         max_epochs = self.trainer.max_epochs
-        return (max_epochs is not None and self.state.epoch >= max_epochs) or self.max_steps_reached()
+        return (max_epochs is not None and self.state.epoch >= max_epochs) or self.max_steps_reached() \
+            or self.state.should_stop
 
     def max_steps_reached(self) -> bool:
         return 0 < self.trainer.max_steps <= self.state.global_step
@@ -343,26 +357,37 @@ class FitLoop:
                    for name, value in values.items()}
         result = to_floats(reduced)
         self.state.callback_metrics.update(result)
-        self.outputs.log(self.state.global_step, self.state.epoch, result)
-        self.outputs.progress.show(self.state.callback_metrics)
         hooks.on_validation_end(trainer=trainer, metrics=result)
+        self.log_train(result)  # with what plugins logged in on_validation_end: one row for the event
         return result
 
-    def log_train(self) -> None:
-        """Write the metrics logged since the last call: one host transfer for all of them."""
+    def log_train(self, event: dict[str, float] | None = None) -> None:
+        """Write the metrics logged since the last call (and ``event``'s, already floats): one
+        host transfer for all of them, one metrics row, one ``on_log_metrics`` call."""
         state = self.state
         self.losses.flush(state.global_step)
         if state.skipped_steps:
             state.callback_metrics["skipped_steps"] = float(state.skipped_steps)
-        if not self.metrics.train:
+        values = {**(event or {}), **self.take_logged()}
+        if not values:
             return
+        logged = {k: v for k, v in values.items() if k not in self.metrics.not_logged}
+        if logged:
+            state.logged_metrics.update(logged)
+            self.outputs.log(state.global_step, state.epoch, logged)
+            if self.trainer.is_global_zero:
+                self.hooks.on_log_metrics(trainer=self.trainer, metrics=logged, step=state.global_step)
+        self.outputs.progress.show(state.callback_metrics, self.metrics.prog_bar)
+
+    def take_logged(self) -> dict[str, float]:
+        """The training metrics logged since the last row, as floats (one host transfer), now
+        in ``callback_metrics``; the store is emptied."""
+        if not self.metrics.train:
+            return {}
         values = to_floats(self.metrics.train)
         self.metrics.train.clear()
-        state.callback_metrics.update(values)
-        hidden = self.metrics.not_logged
-        self.outputs.log(state.global_step, state.epoch,
-                         {k: v for k, v in values.items() if k not in hidden} if hidden else values)
-        self.outputs.progress.show(state.callback_metrics)
+        self.state.callback_metrics.update(values)
+        return values
 
     # -- checkpoints -------------------------------------------------------------------------
     def checkpoint(self) -> None:

@@ -6,7 +6,7 @@ import csv
 import math
 import os
 import sys
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from pathlib import Path
 from typing import IO, Any
 
@@ -104,12 +104,18 @@ class ProgressBar:
         if self._bar is not None:
             self._bar.update(n)
 
-    def show(self, metrics: dict[str, float]) -> None:
+    def show(self, metrics: dict[str, float], prog_bar: Collection[str] = ()) -> None:
+        """Show the metrics logged with ``prog_bar=True``; while none is, every metric."""
         if self._bar is not None:
-            self._bar.set_postfix({k: f"{v:.4g}" if math.isfinite(v) else str(v) for k, v in metrics.items()},
-                                  refresh=False)
+            self._bar.set_postfix(postfix(metrics, prog_bar), refresh=False)
 
     def close(self) -> None:
         if self._bar is not None:
             self._bar.close()
             self._bar = None
+
+
+def postfix(metrics: dict[str, float], prog_bar: Collection[str] = ()) -> dict[str, str]:
+    """What the progress bar shows of ``metrics``."""
+    shown = {k: v for k, v in metrics.items() if k in prog_bar} if prog_bar else metrics
+    return {k: f"{v:.4g}" if math.isfinite(v) else str(v) for k, v in shown.items()}

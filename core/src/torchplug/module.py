@@ -127,7 +127,7 @@ class TrainingModule(nn.Module):
       schedulers)``; or a dict ``{"optimizer": opt, "lr_scheduler": sched | {"scheduler": sched,
       "interval": "step" | "epoch", "monitor": "val_loss"}}`` (or a list of such dicts);
     * optionally ``validation_step(batch, batch_idx)``, ``train_dataloader()``,
-      ``val_dataloader()``.
+      ``val_dataloader()``, ``configure_callbacks()``.
 
     Call ``self.log(name, value)`` in either step to record a metric; validation values are
     averaged over the epoch's batches (and processes).
@@ -222,6 +222,12 @@ class TrainingModule(nn.Module):
         """``self.log(name, value, **kwargs)`` for each item."""
         for name, value in dictionary.items():
             self.log(name, value, **kwargs)
+
+    def configure_callbacks(self) -> Any:
+        """Callbacks (plugin objects) this module needs, registered when ``fit`` starts, after
+        ``Trainer(callbacks=...)``; one of the same class given to the Trainer is replaced by it
+        (as in Lightning). Return a list, or one object. Default: none."""
+        return []
 
     def _attach_metrics(self, store: MetricStore | None) -> None:
         # Plain __dict__ write: nn.Module.__setattr__ is slow and would register nothing useful.

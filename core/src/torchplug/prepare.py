@@ -222,6 +222,7 @@ def prepare(trainer: Trainer, module: nn.Module, train_loader: Any, val_loader: 
     optimizers, schedulers = configure_optimizers(module)
     trainer.optimizers = optimizers
     trainer.lr_schedulers = [s.scheduler for s in schedulers]
+    trainer.lr_scheduler_configs = schedulers
     hooks.on_after_setup_optimizers(trainer=trainer)
     module, connected = hooks.connect_precision(trainer=trainer, model=module, optimizers=optimizers)
     rebind_schedulers(schedulers, optimizers, connected)

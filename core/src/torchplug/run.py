@@ -71,6 +71,7 @@ class FitRun:
     def run(self) -> FitOutcome:
         trainer, hooks = self.trainer, self.hooks
         trainer._run = self  # its state is what trainer.global_step & co. show; save_checkpoint uses it
+        trainer.model = self.module  # plugins see the user's module from the start (trainer_api)
         start = time.perf_counter()
         deterministic = torch.are_deterministic_algorithms_enabled()
         warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
@@ -115,7 +116,8 @@ class FitRun:
             callback_metrics=dict(self.state.callback_metrics),
             log_dir=str(outputs.log_dir) if outputs is not None and outputs.log_dir else None,
             checkpoint_path=str(outputs.last_checkpoint) if outputs is not None and outputs.last_checkpoint else None,
-            extra={"seconds": time.perf_counter() - start, "skipped_steps": self.state.skipped_steps},
+            extra={"seconds": time.perf_counter() - start, "skipped_steps": self.state.skipped_steps,
+                   "logged_metrics": dict(self.state.logged_metrics), "should_stop": self.state.should_stop},
         )
 
     def _setup(self) -> FitLoop:
@@ -131,7 +133,8 @@ class FitRun:
                 "backward would desynchronise the gradient all-reduce. Use 'error' or 'ignore'."
             )
         parts = prepare(trainer, self.module, self.train_loader, self.val_loader, self.metrics)
-        self.module = parts.module
+        self.module = trainer.model = parts.module
+        trainer.val_dataloaders = parts.val_loader
         trainer.log_dir = trainer.checkpoint_path = None
         rank_zero = trainer.is_global_zero
         self.outputs = outputs = RunOutputs(

@@ -29,6 +29,10 @@ class RunState:
     #: optimizer steps a precision plugin skipped (inf/NaN gradients), counted in global_step too
     skipped_steps: int = 0
     callback_metrics: dict[str, float] = field(default_factory=dict)
+    #: the last value of every metric written to metrics.csv and on_log_metrics
+    logged_metrics: dict[str, float] = field(default_factory=dict)
+    #: ``trainer.should_stop``: end the fit at the end of the current step or epoch (not saved)
+    should_stop: bool = False
     #: RNG states at the start of the current epoch, to replay its shuffle on resume
     epoch_rng: dict[str, Any] | None = None
 

@@ -20,7 +20,8 @@ from torchplug.modulehooks import check_module_methods, registered
 from torchplug.plugin import Role
 from torchplug.prepare import check_module, resolve_loaders
 from torchplug.run import FitOutcome, FitRun, validate_only
-from torchplug.state import already_finished, resume_point
+from torchplug.state import SchedulerConfig, already_finished, resume_point
+from torchplug.trainer_api import PluginFacingTrainer
 
 PRECISIONS = {32: "32", "32": "32", 16: "16", "16": "16", "16-mixed": "16", "bf16": "bf16", "bf16-mixed": "bf16"}
 AMP_BACKENDS = ("native", "apex")
@@ -30,20 +31,23 @@ NONFINITE = ("error", "skip", "ignore")
 SINGLE_PROCESS = ("single_device", "none")  # strategies that mean "no strategy plugin"
 
 
-class Trainer:
+class Trainer(PluginFacingTrainer):
     """Trains a :class:`torchplug.TrainingModule` with the selected plugins.
 
     Plugin selection: ``plugins`` (entry-point names, plugin objects, modules) fill their roles
     first; ``precision=16``/``"bf16"`` then picks ``native_amp`` (``apex`` with
     ``amp_backend="apex"``) and ``accelerator="ddp"``/``strategy="ddp"``/``devices>1``/
     ``num_nodes>1`` pick ``ddp`` for roles still empty. Everything is validated here, before
-    any work: a bad argument or a missing plugin raises with the fix.
+    any work: a bad argument or a missing plugin raises with the fix. ``callbacks`` (Lightning's
+    spelling) are plugin objects too, registered after those of ``plugins``. What plugins may
+    use of a Trainer during fit: :mod:`torchplug.trainer_api`.
     """
 
     def __init__(
         self,
         *,
         plugins: Sequence[object] | object | None = None,
+        callbacks: Sequence[object] | object | None = None,
         accelerator: str | None = None,
         strategy: str | None = None,
         devices: int | str | None = None,
@@ -163,8 +167,22 @@ class Trainer:
                     f"plugins= takes plugin names (str), plugin objects and modules; got {item!r} "
                     f"({type(item).__name__})."
                 )
+        if callbacks is None:
+            callbacks = []
+        elif not isinstance(callbacks, Sequence) or isinstance(callbacks, (str, bytes)):
+            callbacks = [callbacks]
+        for item in callbacks:
+            if item is None or isinstance(item, (str, bytes, type, bool, int, float, dict, list, tuple, set, Path)):
+                raise MisconfigurationError(
+                    f"callbacks= takes callback objects (torchplug.Plugin instances, e.g. EarlyStopping(...)); got "
+                    f"{item!r} ({type(item).__name__}). Select an installed plugin by name with plugins=[...]."
+                )
+        self._trainer_callbacks: list[object] = list(callbacks)
+        self._module_callbacks: list[object] = []
+        self._module_callbacks_for: int | None = None
         self.pm: PluginManager = get_plugin_manager(
-            list(plugins), role_defaults=self._role_defaults(), blocked=list(blocked_plugins), autoload=autoload_plugins
+            list(plugins) + self._trainer_callbacks, role_defaults=self._role_defaults(), blocked=list(blocked_plugins),
+            autoload=autoload_plugins
         )
         self.hooks = Hooks(self.pm)
         self.hooks.check_configuration(trainer=self)
@@ -178,6 +196,9 @@ class Trainer:
         self.optimizers: list[torch.optim.Optimizer] = []
         self.lr_schedulers: list[Any] = []
         self.model: nn.Module | None = None
+        self.val_dataloaders: Any = None
+        self.lr_scheduler_configs: list[SchedulerConfig] = []
+        self._stop_without_fit = False
         self.launched_copy = False  # True in a process the launch hook started
         #: the fit that runs (or last ran) in this process: its state, and save_checkpoint
         self._run: FitRun | None = None
@@ -254,6 +275,7 @@ class Trainer:
         if ckpt_path is not None and not isinstance(ckpt_path, (str, os.PathLike)):
             raise MisconfigurationError(f"ckpt_path must be a path, got {ckpt_path!r} ({type(ckpt_path).__name__})")
         train_loader, val_loader = resolve_loaders(model, train_dataloaders, val_dataloaders)
+        self._use_module_callbacks(model)
         resume = None
         if ckpt_path is not None:
             # Read and match against the model before any work: a bad file fails here.
@@ -271,6 +293,7 @@ class Trainer:
         if outcome.state_dict is not None:
             model.load_state_dict(outcome.state_dict)
         self._outcome = outcome
+        self._stop_without_fit = bool(outcome.extra.get("should_stop", False))
         self.log_dir = outcome.log_dir
         self.checkpoint_path = outcome.checkpoint_path
         self.model = model
@@ -291,6 +314,7 @@ class Trainer:
 
     def _fit_in_process(self, model: nn.Module, train_loader: Any, val_loader: Any,
                         resume: dict[str, Any] | None) -> FitOutcome:
+        self._use_module_callbacks(model)  # a spawned worker's Trainer was rebuilt without them
         try:
             with registered(self, model):
                 outcome = FitRun(self, model, train_loader, val_loader, resume).run()
@@ -318,8 +342,10 @@ class Trainer:
         return metrics
 
     def save_checkpoint(self, path: str | os.PathLike[str]) -> None:
-        """Write a checkpoint of the current fit's state to ``path`` (atomically), during a fit
-        (from a hook) or after one that ran in this process. Only global rank 0 writes."""
+        """Write a checkpoint of the current fit's state to ``path`` (atomically, in the format
+        ``fit(ckpt_path=...)`` resumes from, with every plugin's ``on_save_checkpoint`` state),
+        during a fit (from a hook) or after one that ran in this process. Call it on EVERY rank:
+        each runs ``collect_state`` (which may gather across ranks), then global rank 0 writes."""
         if not isinstance(path, (str, os.PathLike)):
             raise MisconfigurationError(f"save_checkpoint needs a path, got {path!r}")
         run = self._run

@@ -35,6 +35,9 @@ function): strategy contracts pickle them into worker processes.
   after it; ``get_model_from_plugin`` undoes ``configure_ddp``; replicas stay identical; every
   hook fires in each launch mode (in-process, ``devices=2`` workers, an already initialised
   process group), which the plugin leaves initialised.
+* :class:`CallbackPluginContract` (callbacks and loggers): a fit stopped and resumed from
+  ``last.ckpt`` ends with the same weights as an uninterrupted one; the state it adds to a
+  checkpoint survives a resume; no host read per step (checkpointing on).
 
 Multi-process contracts use real processes, a ``FileStore`` in a temporary folder (no TCP
 port), explicit timeouts and ``OMP_NUM_THREADS=1``.
@@ -45,7 +48,12 @@ classes from here.
 
 from __future__ import annotations
 
-from torchplug.testing.contracts import PluginContract, PrecisionPluginContract, StrategyPluginContract
+from torchplug.testing.contracts import (
+    CallbackPluginContract,
+    PluginContract,
+    PrecisionPluginContract,
+    StrategyPluginContract,
+)
 
 # The suite's timeouts and hook sets, readable here as before the split.
 from torchplug.testing.contracts._runs import LAUNCHER_ONLY as LAUNCHER_ONLY
@@ -53,4 +61,4 @@ from torchplug.testing.contracts._runs import PG_TIMEOUT_S as PG_TIMEOUT_S
 from torchplug.testing.contracts._runs import PROCESS_TIMEOUT_S as PROCESS_TIMEOUT_S
 from torchplug.testing.contracts._runs import RANK_ZERO_ONLY as RANK_ZERO_ONLY
 
-__all__ = ["PluginContract", "PrecisionPluginContract", "StrategyPluginContract"]
+__all__ = ["CallbackPluginContract", "PluginContract", "PrecisionPluginContract", "StrategyPluginContract"]

@@ -34,8 +34,8 @@ from torchplug.trainer import Trainer
 PROCESS_TIMEOUT_S = 180.0
 #: Process-group timeout inside those runs: a lost peer fails fast instead of hanging.
 PG_TIMEOUT_S = 60.0
-#: Hooks only global rank 0 calls (it alone writes checkpoints).
-RANK_ZERO_ONLY = frozenset({"on_save_checkpoint"})
+#: Hooks only global rank 0 calls (it alone writes checkpoints and metrics rows).
+RANK_ZERO_ONLY = frozenset({"on_save_checkpoint", "on_log_metrics"})
 #: Hooks of the launching process and of Trainer construction, not of one process's fit.
 LAUNCHER_ONLY = frozenset({"launch", "check_configuration"})
 
