@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from torchplug.errors import PlanMismatchError, PlanChangedWarning
+from torchplug.errors import PlanChangedWarning, PlanMismatchError
 from torchplug.plan import fingerprint_view
 from torchplug.provenance import describe_changes, plan_changes
 from torchplug.utils import warn_at_caller

@@ -200,11 +200,11 @@ def fingerprint_view(plan: Mapping[str, Any]) -> dict[str, Any]:
     """What every rank and machine must agree on, from a :meth:`Plan.to_dict`: the core and
     torch versions, the plugins (names, distributions, versions, roles, what they are), the
     role winners, each hook's implementations and :data:`NUMERIC_SETTINGS`. Not how a plugin
-    was selected, nor paths or the rank."""
+    was selected (by name or as a passed object: the same class runs), nor paths or the rank."""
     return {
         "torchplug": plan.get("torchplug"),
         "torch": plan.get("torch"),
-        "plugins": [{k: p.get(k) for k in ("name", "distribution", "version", "origin", "object", "role")}
+        "plugins": [{k: p.get(k) for k in ("name", "distribution", "version", "object", "role")}
                     for p in plan.get("plugins", [])],
         "roles": {r["role"]: r["winner"] for r in plan.get("roles", [])},
         "hooks": {h["hook"]: h["calls"] for h in plan.get("hooks", [])},
@@ -250,6 +250,8 @@ def _plan_plugin(rec: PluginRecord, shorthands: Mapping[str, str]) -> PlanPlugin
     if rec.source == "builtin":
         return PlanPlugin(rec.name, "torchplug", __version__, "built-in", what, None, _selected_by("builtin", {}))
     ep = rec.entry_point
+    dist: str | None
+    version: str | None
     if ep is not None:
         dist, version, origin = ep.dist_name, ep.dist_version, f"entry point {ep.value}"
     else:

@@ -59,7 +59,7 @@ def plan_changes(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[Change]
         if p is None or q is None:
             changes.append(Change(f"plugin '{name}'", _plugin_text(p), _plugin_text(q), numerics))
             continue
-        for field in ("distribution", "version", "origin", "object", "role"):
+        for field in ("distribution", "version", "object", "role"):
             if p[field] != q[field]:
                 dist = f" (distribution {q['distribution']})" if field == "version" and q["distribution"] else ""
                 changes.append(Change(f"plugin '{name}'{dist} {field}", p[field], q[field], numerics))
@@ -98,8 +98,8 @@ def check_resume_plan(plan: Plan, checkpoint: Mapping[str, Any], path: str | os.
             f"{head}\nresume_plan='strict' refuses a resume whose numerics change ({len(numerics)} change(s) marked "
             "[numerics]). Resume with the plugins, versions and precision/strategy arguments that wrote the "
             "checkpoint, or pass resume_plan='warn' to resume anyway.")
-    warn_at_caller(PlanChangedWarning(
-        head + ("\nResume with Trainer(resume_plan='strict') to refuse changes marked [numerics]." if numerics else "")))
+    hint = "\nResume with Trainer(resume_plan='strict') to refuse changes marked [numerics]." if numerics else ""
+    warn_at_caller(PlanChangedWarning(head + hint))
 
 
 def check_resume_world_size(checkpoint: Mapping[str, Any], world_size: int) -> None:
@@ -115,7 +115,7 @@ def _plugin_text(p: Mapping[str, Any] | None) -> str | None:
     if p is None:
         return None
     dist = f"{p['distribution']} {p['version']}" if p.get("distribution") else "no distribution"
-    return f"{dist} ({p['origin']})"
+    return f"{dist} ({p['object']})"
 
 
 def _show(value: Any) -> str:
