@@ -200,7 +200,10 @@ def fingerprint_view(plan: Mapping[str, Any]) -> dict[str, Any]:
     """What every rank and machine must agree on, from a :meth:`Plan.to_dict`: the core and
     torch versions, the plugins (names, distributions, versions, roles, what they are), the
     role winners, each hook's implementations and :data:`NUMERIC_SETTINGS`. Not how a plugin
-    was selected (by name or as a passed object: the same class runs), nor paths or the rank."""
+    was selected (by name or as a passed object: the same class runs), nor paths or the rank.
+    A view given back is returned as it is."""
+    if isinstance(plan.get("roles"), Mapping):
+        return dict(plan)
     return {
         "torchplug": plan.get("torchplug"),
         "torch": plan.get("torch"),

@@ -102,7 +102,10 @@ class FitRun:
                 raise wrapped from exc
             finally:
                 self.stop.stopping = True
-                torch.use_deterministic_algorithms(deterministic, warn_only=warn_only)
+                if trainer.deterministic:
+                    # Only when changed: the call imports torch._inductor (~4 s on these VMs), which a
+                    # fit that ends early (the plan handshake refusing, say) would otherwise wait for.
+                    torch.use_deterministic_algorithms(deterministic, warn_only=warn_only)
                 self._close_outputs()
                 attach_metrics(self.module, None)
                 self._release_wrapper()
