@@ -11,6 +11,7 @@ compare it (:mod:`torchplug.handshake`) and checkpoints store the plan (:mod:`to
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import inspect
 import json
@@ -141,14 +142,20 @@ class Plan:
     settings: tuple[Setting, ...]
 
     def to_dict(self) -> dict[str, Any]:
-        """The plan as JSON-ready data (what ``torchplug plan --json`` prints and checkpoints store)."""
-        data: dict[str, Any] = json.loads(json.dumps(asdict(self)))
+        """The plan as JSON-ready data (what ``torchplug plan --json`` prints and checkpoints store);
+        a new dict on every call."""
+        data: dict[str, Any] = json.loads(self._json)
         return {"format": PLAN_FORMAT, "fingerprint": self.fingerprint, **data}
 
-    @property
+    @functools.cached_property
     def fingerprint(self) -> str:
         """sha256 of :func:`fingerprint_view` as canonical JSON."""
-        return fingerprint_of(json.loads(json.dumps(asdict(self))))
+        return fingerprint_of(json.loads(self._json))
+
+    @functools.cached_property
+    def _json(self) -> str:
+        # The plan is frozen: serialise it once (asdict alone costs ~1 ms).
+        return json.dumps(asdict(self))
 
     def owner(self, hook: str) -> str | None:
         """The implementation pluggy asks first for ``hook`` (``None``: nobody implements it)."""

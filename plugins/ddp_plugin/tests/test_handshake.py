@@ -49,7 +49,8 @@ def test_ranks_with_different_plugin_versions_stop_naming_the_rank_and_both_vers
     procs = []
     for rank, site in enumerate(sites):
         env = {**base, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([str(site), str(TESTS)])}
-        argv = [sys.executable, str(TESTS / "handshake_script.py"), str(rank), str(store), str(tmp_path / f"r{rank}.json")]
+        out = tmp_path / f"r{rank}.json"
+        argv = [sys.executable, str(TESTS / "handshake_script.py"), str(rank), str(store), str(out)]
         procs.append(subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
     try:
         outputs = [proc.communicate(timeout=50) for proc in procs]
