@@ -235,7 +235,8 @@ def test_commands_run_here(command: str, tmp_path: Path) -> None:
     if command == "torchplug plugins --requirements":
         assert proc.stdout.startswith("# torchplug plugins in ")
     if command.startswith("torchplug plan"):
-        assert "ddp " in proc.stdout and "selected by Trainer argument devices=2 (strategy shorthand)" in proc.stdout
+        assert "ddp " in proc.stdout
+        assert "selected by Trainer argument devices=2 (strategy shorthand)" in proc.stdout
         assert os.listdir(tmp_path) == []  # nothing ran
     if command.startswith("torchplug new-plugin"):
         project = tmp_path / "torchplug-my-plugin"
