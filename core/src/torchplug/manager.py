@@ -21,6 +21,10 @@ and registered once, at its first position.
 Blocking (``TORCHPLUG_BLOCK_PLUGINS=a,b`` or ``blocked=[...]``, i.e. ``Trainer(blocked_plugins=)``)
 skips an autoload entry point without importing it; selecting a blocked name explicitly is an
 error, as is selecting a plugin whose ``Requires-Dist`` on torchplug excludes this version.
+
+Every step notes what it left out and why in ``pm.skipped`` (autoload disabled, blocked, a role
+already filled by a selected plugin, a duplicate selection), and every record says which step
+chose it (``PluginRecord.via``): :mod:`torchplug.plan` reports both.
 """
 
 from __future__ import annotations
