@@ -303,6 +303,7 @@ class FitLoop:
         if self.model is self.module:
             return False
         self.model = self.module
+        self._training_step = cast(StepModule, self.module).training_step  # train() bound it to the wrapper
         return True
 
 

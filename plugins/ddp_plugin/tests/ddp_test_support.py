@@ -137,21 +137,22 @@ class Recorder(DDPPlugin):
             "broadcast_none": hooks.broadcast(obj=None if rank == 0 else "own", src=0),
             "group": hooks.data_parallel_group() is not None,
         }
-        run = trainer._run
-        assert run is not None
-        sampler = getattr(run.train_loader, "sampler", None)
+        run = trainer._run  # the core's run of this process (FitRun: its outputs, state and loop)
+        assert run is not None and run.outputs is not None and run.loop is not None
+        outputs, loop = run.outputs, run.loop
+        sampler = getattr(loop.batches.loader, "sampler", None)
         self.seen.update({
             "pid": os.getpid(), "rank": trainer.global_rank, "world": trainer.world_size,
             "is_global_zero": trainer.is_global_zero, "launched_copy": trainer.launched_copy,
-            "log_dir": str(run.log_dir) if run.log_dir else None, "csv": run.csv is not None,
-            "progress_enabled": run.progress.enabled,
+            "log_dir": str(outputs.log_dir) if outputs.log_dir else None, "csv": outputs.csv is not None,
+            "progress_enabled": outputs.progress.enabled,
             "sampler": type(sampler).__name__, "sampler_epoch": getattr(sampler, "epoch", None),
-            "model_wrapped": type(run.model).__name__, "children": len(multiprocessing.active_children()),
-            "metrics": dict(run.callback_metrics),
+            "model_wrapped": type(loop.model).__name__, "children": len(multiprocessing.active_children()),
+            "metrics": dict(run.state.callback_metrics),
             "device": str(next(model.parameters()).device),
         })
         self._dump(trainer.global_rank)
-        self.wrapper = weakref.ref(run.model)  # is it still alive after fit? (test_ddp_plugin.py)
+        self.wrapper = weakref.ref(loop.model)  # is it still alive after fit? (test_ddp_plugin.py)
 
     def _dump(self, rank: int) -> None:
         path = Path(self.out_dir) / f"{self.tag}-rank{rank}.json"
