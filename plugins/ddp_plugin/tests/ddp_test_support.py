@@ -138,7 +138,9 @@ class Recorder(DDPPlugin):
             "group": hooks.data_parallel_group() is not None,
         }
         run = trainer._run  # the core's run of this process (FitRun: its outputs, state and loop)
-        assert run is not None and run.outputs is not None and run.loop is not None
+        assert run is not None
+        assert run.outputs is not None
+        assert run.loop is not None
         outputs, loop = run.outputs, run.loop
         sampler = getattr(loop.batches.loader, "sampler", None)
         self.seen.update({
