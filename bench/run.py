@@ -107,6 +107,8 @@ PARTS = [
          "step time on two gloo ranks, Trainer(ddp) vs hand-written DDP"),
     Part("ddp_no_sync", "ddp_no_sync.py", [], ["--reps", "1", "--warmup", "1", "--measure", "1"], ddp_no_sync_rows,
          "no_sync accumulation speedup, Trainer vs hand-written DDP"),
+    Part("handshake", "handshake.py", [], ["--quick"], own_rows,
+         "the plan handshake's start-up cost on two gloo ranks (once per fit)"),
     Part("hook_dispatch", "hook_dispatch.py", [], ["--quick"], own_rows,
          "hook dispatch cost per step: façade, raw pluggy, plain calls"),
     Part("discovery_import", "discovery_import.py", [], ["--quick"], own_rows,

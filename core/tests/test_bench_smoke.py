@@ -84,6 +84,15 @@ def test_ddp_step_quick() -> None:
 
 
 @pytest.mark.timeout(90)
+@pytest.mark.skipif(not _installed("torchplug-ddp"), reason="torchplug-ddp is not installed")
+def test_handshake_quick() -> None:
+    result = _result(_run(str(BENCH / "handshake.py"), "--quick"))
+    assert [len(rank["handshake_ms"]) for rank in result["ranks"]] == [3, 3]
+    assert result["handshake_ms_median"] > 0
+    _check_rows(result["rows"])
+
+
+@pytest.mark.timeout(90)
 def test_run_py_writes_json_and_prints_the_table(tmp_path: Path) -> None:
     out = tmp_path / "results" / "bench.json"
     proc = _run(str(BENCH / "run.py"), "--quick", "--only", "loop_overhead,hook_dispatch", "--out", str(out))

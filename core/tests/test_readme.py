@@ -159,6 +159,7 @@ RUN_HERE = {
     "torchplug plugins --check",
     "torchplug plugins --requirements",
     "torchplug new-plugin my_plugin",
+    "torchplug plan --precision bf16 --devices 2",
 }
 
 #: Every other README command, and what runs it: a test, a nox session or the CI script.
@@ -233,6 +234,10 @@ def test_commands_run_here(command: str, tmp_path: Path) -> None:
         assert proc.returncode == 0, proc.stderr
     if command == "torchplug plugins --requirements":
         assert proc.stdout.startswith("# torchplug plugins in ")
+    if command.startswith("torchplug plan"):
+        assert "ddp " in proc.stdout
+        assert "selected by Trainer argument devices=2 (strategy shorthand)" in proc.stdout
+        assert os.listdir(tmp_path) == []  # nothing ran
     if command.startswith("torchplug new-plugin"):
         project = tmp_path / "torchplug-my-plugin"
         assert (project / "src" / "torchplug_my_plugin" / "plugin.py").is_file()

@@ -35,6 +35,7 @@ from torch import nn
 
 from torchplug import (
     MisconfigurationError,
+    PlanChangedWarning,
     Plugin,
     PluginConflictError,
     PluginHookError,
@@ -119,7 +120,7 @@ def test_hook_error_names_plugin_and_hook_stops_cleanly_and_keeps_the_last_check
     raiser = RaiseInClip(at=10)
     second = quiet(tmp_path, max_epochs=4, gradient_clip_val=1.0, plugins=[raiser], log_every_n_steps=1)
     raiser.trainer = second
-    with pytest.raises(PluginHookError) as info:
+    with pytest.raises(PluginHookError) as info, pytest.warns(PlanChangedWarning, match="plugin 'RaiseInClip'"):
         second.fit(TinyNet(), loader(), ckpt_path=good)
     assert str(info.value).startswith(
         "Plugin 'RaiseInClip' raised in hook 'clip_gradients': ValueError: injected failure at global step 10")
@@ -135,7 +136,8 @@ def test_hook_error_names_plugin_and_hook_stops_cleanly_and_keeps_the_last_check
     assert read_csv(folder / "metrics.csv")["train_loss"][-1][0] == 10  # complete rows up to the failure
     assert open_files_under(tmp_path) == []  # metrics.csv closed, no checkpoint left open
     third = quiet(tmp_path, max_epochs=3, logger=False, enable_checkpointing=False)
-    third.fit(TinyNet(), loader(), ckpt_path=folder / "checkpoints" / "last.ckpt")
+    with pytest.warns(PlanChangedWarning, match="setting gradient_clip_val: 1.0 -> 0.0"):
+        third.fit(TinyNet(), loader(), ckpt_path=folder / "checkpoints" / "last.ckpt")
     assert third.global_step == 12
     third = quiet(tmp_path, max_epochs=2, logger=False, enable_checkpointing=False)
     third.fit(TinyNet(), loader(), ckpt_path=good)
@@ -303,7 +305,8 @@ def test_metrics_file_that_becomes_unwritable_stops_the_run_and_keeps_the_checkp
     assert fds_of("metrics.csv") == []  # closed despite the failure
     assert fds_of("/dev/full") == []
     resumed = quiet(tmp_path, max_epochs=2, logger=False, enable_checkpointing=False)
-    resumed.fit(TinyNet(), loader(), ckpt_path=last)
+    with pytest.warns(PlanChangedWarning, match="plugin 'DiskFullAt'"):
+        resumed.fit(TinyNet(), loader(), ckpt_path=last)
     assert resumed.global_step == 8
 
 
@@ -504,6 +507,8 @@ BAD_ARGUMENTS: list[tuple[dict[str, Any], type[Exception], tuple[str, ...]]] = [
     ({"on_nonfinite_loss": None}, MisconfigurationError, ("on_nonfinite_loss must be one of", "None")),
     ({"checkpoint_weights_only": 0}, MisconfigurationError, ("checkpoint_weights_only must be bool", "0")),
     ({"checkpoint_weights_only": None}, MisconfigurationError, ("checkpoint_weights_only must be bool", "None")),
+    ({"resume_plan": "ignore"}, MisconfigurationError, ("resume_plan must be one of ('warn', 'strict')", "'ignore'")),
+    ({"resume_plan": True}, MisconfigurationError, ("resume_plan must be one of", "True")),
     ({"blocked_plugins": "ddp"}, MisconfigurationError, ("blocked_plugins must be a list of plugin names",)),
     ({"blocked_plugins": [1]}, MisconfigurationError, ("blocked_plugins must be a list of plugin names", "[1]")),
     ({"blocked_plugins": 5}, MisconfigurationError, ("blocked_plugins must be a list of plugin names", "5")),

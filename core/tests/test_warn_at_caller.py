@@ -11,7 +11,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from torchplug import Trainer, TrainingModule, discovery
+from torchplug import PlanChangedWarning, Trainer, TrainingModule, discovery
 from torchplug.utils import caller_stacklevel, warn_at_caller
 
 PLUGIN_SOURCE = """
@@ -71,8 +71,13 @@ def test_native_amp_checkpoint_warning_points_at_the_fit_call(tmp_path: Path) ->
     first = Trainer(max_steps=1, **quiet)
     first.fit(Tiny(), data)
     resumed = Trainer(precision=16, max_steps=2, **quiet)
-    line = _lineno() + 2
-    with pytest.warns(UserWarning, match="no GradScaler state") as caught:
+    line = _lineno() + 3
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
         resumed.fit(Tiny(), data, ckpt_path=first.checkpoint_path)
     (warning,) = [w for w in caught if "GradScaler state" in str(w.message)]
     assert (warning.filename, warning.lineno) == (__file__, line)
+    # the plan changed too (fp32 -> fp16): that warning also points at the fit call
+    (changed,) = [w for w in caught if w.category is PlanChangedWarning]
+    assert "setting precision: 32 -> 16 [numerics]" in str(changed.message)
+    assert (changed.filename, changed.lineno) == (__file__, line)

@@ -213,6 +213,20 @@ class TestLightning11DDP(StrategyPluginContract):
     @pytest.fixture
     def plugin_factory(self):
         return lambda: Lightning11DDP(timeout=60)
+
+
+class NoGather(DDPPlugin):
+    """A strategy that leaves all_gather_object to the one-process default: the plan handshake
+    would compare nothing."""
+
+    def all_gather_object(self, obj):
+        return None
+
+
+class TestNoGather(StrategyPluginContract):
+    @pytest.fixture
+    def plugin_factory(self):
+        return lambda: NoGather(timeout=60)
 '''
 
 
@@ -220,7 +234,8 @@ class TestLightning11DDP(StrategyPluginContract):
 @pytest.mark.timeout(300)
 def test_a_strategy_that_syncs_inside_block_backward_sync_fails(tmp_path: Path) -> None:
     results = _run_suite(tmp_path, "test_ddp_mutant", STRATEGY_PLUGINS,
-                         "-k", "no_gradient_sync or round_trips or exactly_one")
+                         "-k", "(TestLightning11DDP and (no_gradient_sync or round_trips or exactly_one)) "
+                               "or (TestNoGather and all_gather)")
     outcome, text = results["TestLightning11DDP::test_no_gradient_sync_inside_block_backward_sync"]
     assert outcome == "failed", results
     assert "Contract broken: no gradient all-reduce inside block_backward_sync" in text, text
@@ -230,3 +245,7 @@ def test_a_strategy_that_syncs_inside_block_backward_sync_fails(tmp_path: Path) 
     assert "get_model_from_plugin(configure_ddp(model)) is the user's module" in text, text
     # Syncing every micro-batch still all-reduces each gradient once in the window's last one.
     assert results["TestLightning11DDP::test_exactly_one_gradient_sync_after_block_backward_sync"][0] == "passed"
+    outcome, text = results["TestNoGather::test_all_gather_object_returns_every_rank_in_rank_order"]
+    assert outcome == "failed", results
+    assert "all_gather_object returns every rank's object, in rank order" in text, text
+    assert "rank 0 got [{'rank': 0}], expected [{'rank': 0}, {'rank': 1}]" in text, text

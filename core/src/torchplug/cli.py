@@ -41,13 +41,14 @@ def plain_text(doc: str | None) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from torchplug import __version__, listing, newplugin
+    from torchplug import __version__, listing, newplugin, plancli
 
     parser = argparse.ArgumentParser(prog="torchplug", description=plain_text(__doc__))
     parser.add_argument("--version", action="version", version=f"torchplug {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     listing.add_parser(sub)
     add_parsers(sub)
+    plancli.add_parser(sub)
     newplugin.add_parser(sub)
     return parser
 

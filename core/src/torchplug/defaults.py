@@ -100,5 +100,10 @@ def broadcast(obj: Any) -> Any:
 
 
 @hookimpl(trylast=True)
+def all_gather_object(obj: Any) -> list[Any]:
+    return [obj]
+
+
+@hookimpl(trylast=True)
 def reduce(tensor: torch.Tensor) -> torch.Tensor:
     return tensor

@@ -50,3 +50,17 @@ class CheckpointError(TorchplugError):
 
 class NonFiniteLossError(TorchplugError, FloatingPointError):
     """``training_step`` returned a NaN or infinite loss."""
+
+
+class PlanMismatchError(PluginConflictError):
+    """The ranks of one run resolved different plans (another plugin version on one node, say):
+    raised on every rank by the start-up handshake, naming the ranks and what differs."""
+
+
+class PlanChangedError(CheckpointError):
+    """``Trainer(resume_plan="strict")``: the checkpoint was written under a plan whose numerics
+    (precision, strategy, their plugins or versions) differ from this run's."""
+
+
+class PlanChangedWarning(UserWarning):
+    """A run resumes from a checkpoint written under a different plan, or one without a plan."""

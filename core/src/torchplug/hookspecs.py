@@ -7,7 +7,7 @@ Hooks are grouped by the phase in which the core calls them, in calling order:
                             ``configure_ddp``, ``get_model_from_plugin``)
 3. step                    (``on_before_forward``, ``block_backward_sync``, ``forward_context``,
                             ``backward``, ``unscale_gradients``, ``clip_gradients``, ``optimizer_step``)
-4. collectives             (``barrier``, ``broadcast``, ``reduce``)
+4. collectives             (``barrier``, ``broadcast``, ``all_gather_object``, ``reduce``)
 5. user events             (``on_fit_start`` … ``on_exception``), including checkpoint state
 6. Lightning's events      (``setup`` … ``on_validation_epoch_end``): the module's hooks
 
@@ -396,6 +396,22 @@ def broadcast(obj: Any, src: int) -> Any:
     Convention: firstresult. Since pluggy reads a ``None`` result as "not handled", a plugin
     that really broadcasts implements it as a wrapper (``@hookimpl(wrapper=True)``: ``yield``,
     then return the received object), so that a broadcast ``None`` arrives as ``None``.
+    """
+
+
+@hookspec(firstresult=True)
+def all_gather_object(obj: Any) -> list[Any] | None:
+    """Gather a picklable object from every process, in rank order.
+
+    :param obj: this process's object (never ``None``).
+    :returns: every rank's object, rank 0's first. Default: ``[obj]`` (one process).
+
+    Convention: firstresult. The core calls it once per fit, right after ``world_size`` and
+    ``global_rank`` and before any other collective, when the world size is above 1: every
+    rank sends its plan fingerprint and plugin list (the handshake of :mod:`torchplug.handshake`),
+    so that ranks that resolved different plugins stop with an error instead of hanging. It
+    must finish or fail within the process group's timeout. The ``ddp`` plugin uses
+    ``torch.distributed.all_gather_object`` on its group.
     """
 
 

@@ -424,6 +424,9 @@ class FitLoop:
             **training_state(self.module, self.optimizers, self.schedulers),
             "rng_states": self.batches.rng_snapshot(),
             "plugins": self.trainer.plugin_names,
+            # provenance: compared with the resuming run's plan (torchplug.provenance)
+            "plan": self.trainer.plan.to_dict(),
+            "world_size": self.trainer.world_size,
         }
         self.hooks.on_save_checkpoint(trainer=self.trainer, checkpoint=checkpoint)
         return checkpoint

@@ -21,6 +21,10 @@ and registered once, at its first position.
 Blocking (``TORCHPLUG_BLOCK_PLUGINS=a,b`` or ``blocked=[...]``, i.e. ``Trainer(blocked_plugins=)``)
 skips an autoload entry point without importing it; selecting a blocked name explicitly is an
 error, as is selecting a plugin whose ``Requires-Dist`` on torchplug excludes this version.
+
+Every step notes what it left out and why in ``pm.skipped`` (autoload disabled, blocked, a role
+already filled by a selected plugin, a duplicate selection), and every record says which step
+chose it (``PluginRecord.via``): :mod:`torchplug.plan` reports both.
 """
 
 from __future__ import annotations
@@ -55,6 +59,7 @@ __all__ = [
     "DEFAULTS_NAME",
     "DISABLE_AUTOLOAD_ENV",
     "PLUGINS_ENV",
+    "Decision",
     "PluginManager",
     "PluginRecord",
     "get_plugin_manager",
@@ -69,6 +74,20 @@ Source = Literal["builtin", "autoload", "entry point", "object", "module", "trai
 
 
 @dataclass(frozen=True)
+class Decision:
+    """A plugin that a selection step considered and did not register, and why (the plan
+    reports these as the alternatives that lost)."""
+
+    name: str
+    #: the selection step, as in :attr:`PluginRecord.via`
+    via: str
+    reason: str
+    entry_point: EntryPointInfo | None = None
+    #: the role it would have filled, where known without importing it
+    role: Role | None = None
+
+
+@dataclass(frozen=True)
 class PluginRecord:
     """A registered plugin and where it came from."""
 
@@ -76,6 +95,9 @@ class PluginRecord:
     plugin: object
     source: Source
     entry_point: EntryPointInfo | None = None
+    #: the selection step that chose it: ``"plugins="``, ``TORCHPLUG_PLUGINS``, ``"autoload"``,
+    #: ``"precision shorthand"``, ``"strategy shorthand"`` or ``"builtin"``
+    via: str = ""
 
     @property
     def role(self) -> Role | None:
@@ -101,7 +123,11 @@ class PluginManager(pluggy.PluginManager):
         super().__init__("torchplug")
         self.add_hookspecs(hookspecs)
         self.records: list[PluginRecord] = []
-        self._pending_record: tuple[Source, EntryPointInfo | None] | None = None
+        #: what the selection steps of :func:`get_plugin_manager` left out, in the order decided
+        self.skipped: list[Decision] = []
+        #: how autoload was decided: ``"Trainer argument"``, ``"environment variable"`` or ``"default"``
+        self.autoload_source = "default"
+        self._pending_record: tuple[Source, EntryPointInfo | None, str] | None = None
 
     def parse_hookimpl_opts(self, plugin: Any, name: str) -> pluggy.HookimplOpts | None:
         opts = super().parse_hookimpl_opts(plugin, name)
@@ -145,7 +171,7 @@ class PluginManager(pluggy.PluginManager):
     def register(self, plugin: object, name: str | None = None) -> str | None:
         """Register ``plugin``; errors name the plugin, hook and signature, and a plugin that
         fails validation leaves the manager unchanged."""
-        source, entry_point = self._pending_record or (_source_of(plugin), None)
+        source, entry_point, via = self._pending_record or (_source_of(plugin), None, "register")
         self._pending_record = None
         try:
             registered = super().register(plugin, name)
@@ -161,7 +187,7 @@ class PluginManager(pluggy.PluginManager):
                 f"The hooks and their arguments are documented in torchplug.hookspecs."
             ) from exc
         if registered is not None:
-            self.records.append(PluginRecord(registered, plugin, source, entry_point))
+            self.records.append(PluginRecord(registered, plugin, source, entry_point, via))
         return registered
 
     def unregister(self, plugin: object | None = None, name: str | None = None) -> Any | None:
@@ -170,9 +196,9 @@ class PluginManager(pluggy.PluginManager):
         return removed
 
     def register_plugin(self, plugin: object, name: str, source: Source,
-                        entry_point: EntryPointInfo | None = None) -> PluginRecord:
+                        entry_point: EntryPointInfo | None = None, via: str = "register") -> PluginRecord:
         """:meth:`register` with the record of where the plugin came from."""
-        self._pending_record = (source, entry_point)
+        self._pending_record = (source, entry_point, via)
         try:
             self.register(plugin, name=name)
         finally:
@@ -238,38 +264,56 @@ def get_plugin_manager(
     :raises PluginError: unknown, blocked, incompatible or broken plugins, or two of one role.
     """
     env = os.environ if env is None else env
+    blocked = list(blocked)
     blocked_set = set(blocked) | discovery.blocked_names(env)
+    pm = PluginManager()
     if autoload is None:
         autoload = not discovery.autoload_disabled(env)
+        pm.autoload_source = "environment variable" if DISABLE_AUTOLOAD_ENV in env else "default"
+    else:
+        pm.autoload_source = "Trainer argument"
 
-    pm = PluginManager()
-    pm.register_plugin(defaults, DEFAULTS_NAME, "builtin")
+    pm.register_plugin(defaults, DEFAULTS_NAME, "builtin", via="builtin")
     selected: list[_Selected] = []
-    if autoload:
-        # Filtered by name from metadata: a disabled or blocked plugin is never imported.
-        selected += [_Selected(ep.name, None, "autoload", ep) for ep in discovery.installed_plugins()
-                     if ep.autoload and ep.name not in blocked_set]
+    # Filtered by name from metadata: a disabled or blocked plugin is never imported.
+    for ep in discovery.installed_plugins():
+        if not ep.autoload:
+            continue
+        if not autoload:
+            how = (f"{DISABLE_AUTOLOAD_ENV}=1" if pm.autoload_source == "environment variable"
+                   else "autoload_plugins=False")
+            pm.skipped.append(Decision(ep.name, "autoload", f"autoload disabled ({how})", ep))
+        elif ep.name in blocked_set:
+            pm.skipped.append(Decision(ep.name, "autoload", f"blocked ({_blocked_by(ep.name, blocked, env)})", ep))
+        else:
+            selected.append(_Selected(ep.name, None, "autoload", ep, via="autoload"))
     explicit = [_select(name, blocked_set, via=PLUGINS_ENV) for name in discovery.split_names(env.get(PLUGINS_ENV, ""))]
     explicit += [_select(item, blocked_set, via="plugins=") for item in plugins]
-    selected = _dedupe(selected + explicit)
+    selected = _dedupe(selected + explicit, pm.skipped)
     for sel in selected:
         sel.load()
-    filled = {role_of(sel.plugin) for sel in selected}
+    filled = {role_of(sel.plugin): sel for sel in selected if role_of(sel.plugin) is not None}
     chosen = {(sel.entry_point.group, sel.entry_point.name) for sel in selected if sel.entry_point}
     role_picks = []
     for role, name in (role_defaults or {}).items():
+        via = f"{role} shorthand"
         if role in filled:
+            holder = filled[role]
+            pm.skipped.append(Decision(name, via, f"role {role} filled by '{holder.name}' (selected by {holder.via})",
+                                       role=role))
             continue
         pick = _select(name, blocked_set, via=f"the {role} shorthand")
+        pick.via = via
         if pick.entry_point is not None and (pick.entry_point.group, pick.entry_point.name) in chosen:
+            pm.skipped.append(Decision(name, via, "already selected by name", pick.entry_point, role))
             continue  # already selected by name (a plugin without a role attribute)
         pick.load()
         role_picks.append(pick)
     n_autoload = sum(sel.source == "autoload" for sel in selected)
-    ordered = _dedupe(selected[:n_autoload] + role_picks + selected[n_autoload:])
+    ordered = _dedupe(selected[:n_autoload] + role_picks + selected[n_autoload:], pm.skipped)
     used: set[str] = {DEFAULTS_NAME}
     for sel in ordered:
-        pm.register_plugin(sel.plugin, _unique(sel.name, used), sel.source, sel.entry_point)
+        pm.register_plugin(sel.plugin, _unique(sel.name, used), sel.source, sel.entry_point, sel.via)
         if sel.source in ("object", "module") and not isinstance(sel.plugin, Plugin) \
                 and not pm.get_hookcallers(sel.plugin):
             # Almost always a mistake (plugins=[model], another framework's callback): it would
@@ -320,6 +364,7 @@ class _Selected:
     plugin: object | None
     source: Source
     entry_point: EntryPointInfo | None = None
+    via: str = ""
 
     def load(self) -> None:
         if self.plugin is None and self.entry_point is not None:
@@ -336,20 +381,20 @@ def _select(item: object, blocked: set[str], via: str) -> _Selected:
         ep = discovery.find(item)
         if ep is None:
             raise PluginNotFoundError(_not_found_message(item, via))
-        return _Selected(item, None, "entry point", ep)
+        return _Selected(item, None, "entry point", ep, via=via)
     if isinstance(item, types.ModuleType):
-        return _Selected(item.__name__, item, "module")
+        return _Selected(item.__name__, item, "module", via=via)
     if isinstance(item, type):
         raise PluginValidationError(
             f"plugins= got the class {item.__module__}.{item.__qualname__}; pass an instance: "
             f"plugins=[{item.__name__}()]"
         )
     name = getattr(item, "plugin_name", None) or type(item).__name__
-    return _Selected(str(name), item, "object")
+    return _Selected(str(name), item, "object", via=via)
 
 
-def _dedupe(selected: list[_Selected]) -> list[_Selected]:
-    """Keep the first selection of each entry point and of each object."""
+def _dedupe(selected: list[_Selected], skipped: list[Decision]) -> list[_Selected]:
+    """Keep the first selection of each entry point and of each object; note the others in ``skipped``."""
     seen_eps: set[tuple[str, str]] = set()
     seen_objects: set[int] = set()
     kept: list[_Selected] = []
@@ -357,14 +402,25 @@ def _dedupe(selected: list[_Selected]) -> list[_Selected]:
         if sel.entry_point is not None:
             key = (sel.entry_point.group, sel.entry_point.name)
             if key in seen_eps:
+                skipped.append(Decision(sel.name, sel.via, "duplicate selection: registered once, at its first "
+                                        "position", sel.entry_point, role_of(sel.plugin)))
                 continue
             seen_eps.add(key)
         if sel.plugin is not None:
             if id(sel.plugin) in seen_objects:
+                skipped.append(Decision(sel.name, sel.via, "duplicate selection: registered once, at its first "
+                                        "position", sel.entry_point, role_of(sel.plugin)))
                 continue
             seen_objects.add(id(sel.plugin))
         kept.append(sel)
     return kept
+
+
+def _blocked_by(name: str, blocked: list[str], env: Mapping[str, str]) -> str:
+    by = [BLOCK_ENV] if name in discovery.blocked_names(env) else []
+    if name in blocked:
+        by.append("blocked_plugins=")
+    return " and ".join(by)
 
 
 def _source_of(plugin: object) -> Source:

@@ -3,7 +3,8 @@
 ``FitRun.run`` is the path every fit takes, in every launch mode (in-process, a spawned
 worker, a torchrun rank)::
 
-    setup_environment → world_size/global_rank → setup("fit") → prepare (root_device … configure_ddp)
+    setup_environment → world_size/global_rank → [all_gather_object: the plan handshake, with
+    several processes] → setup("fit") → prepare (root_device … configure_ddp)
     → the run folder → [on_load_checkpoint when resuming] → FitLoop.train
     on KeyboardInterrupt: last.ckpt of the last completed step → on_exception → re-raise
     on an error: a note saying where it happened → on_exception → the outputs closed (an
@@ -24,10 +25,12 @@ import torch
 from torch import nn
 
 from torchplug.errors import MisconfigurationError, TorchplugError
+from torchplug.handshake import check_ranks
 from torchplug.loop import FitLoop
 from torchplug.module import MetricStore
 from torchplug.outputs import RunOutputs
 from torchplug.prepare import Prepared, attach_metrics, prepare
+from torchplug.provenance import check_resume_world_size
 from torchplug.signals import StopRequest
 from torchplug.state import Position, RunState, load_training_state
 
@@ -101,7 +104,10 @@ class FitRun:
                 raise wrapped from exc
             finally:
                 self.stop.stopping = True
-                torch.use_deterministic_algorithms(deterministic, warn_only=warn_only)
+                if trainer.deterministic:
+                    # Only when changed: the call imports torch._inductor (~4 s on these VMs), which a
+                    # fit that ends early (the plan handshake refusing, say) would otherwise wait for.
+                    torch.use_deterministic_algorithms(deterministic, warn_only=warn_only)
                 self._close_outputs()
                 attach_metrics(self.module, None)
                 self.module.__dict__.pop("_torchplug_loop", None)
@@ -125,6 +131,8 @@ class FitRun:
         hooks.setup_environment(trainer=trainer)
         trainer.world_size = hooks.world_size()
         trainer.global_rank = hooks.global_rank()
+        if trainer.world_size > 1:
+            check_ranks(trainer)  # before any other collective: different plans would hang in one
         self.set_up = True
         hooks.setup(trainer=trainer, stage="fit")
         if trainer.on_nonfinite_loss == "skip" and trainer.world_size > 1:
@@ -143,6 +151,8 @@ class FitRun:
         trainer.log_dir = str(outputs.log_dir) if outputs.log_dir is not None else None
         self.loop = loop = FitLoop(trainer, parts, self.state, outputs, self.stop, self.position, self.metrics)
         if self.resume is not None:
+            if rank_zero:
+                check_resume_world_size(self.resume, trainer.world_size)
             load_training_state(self.resume, loop.module, loop.optimizers, loop.schedulers)
             self.state.restore(self.resume)
             loop.batches.rng_restore(self.resume["rng_states"])

@@ -17,8 +17,10 @@ from torchplug.errors import MisconfigurationError, PluginError
 from torchplug.hookcalls import Hooks
 from torchplug.manager import PluginManager, get_plugin_manager
 from torchplug.modulehooks import check_module_methods, registered
+from torchplug.plan import Plan, build_plan
 from torchplug.plugin import Role
 from torchplug.prepare import check_module, resolve_loaders
+from torchplug.provenance import check_resume_plan
 from torchplug.run import FitOutcome, FitRun, validate_only
 from torchplug.state import SchedulerConfig, already_finished, resume_point
 from torchplug.trainer_api import PluginFacingTrainer
@@ -28,6 +30,7 @@ AMP_BACKENDS = ("native", "apex")
 AMP_LEVELS = ("O0", "O1", "O2", "O3")
 ACCELERATORS = {None: None, "auto": None, "cpu": "cpu", "gpu": "cuda", "cuda": "cuda"}
 NONFINITE = ("error", "skip", "ignore")
+RESUME_PLAN = ("warn", "strict")  # what resuming under a different plan does: see torchplug.provenance
 SINGLE_PROCESS = ("single_device", "none")  # strategies that mean "no strategy plugin"
 
 
@@ -71,6 +74,7 @@ class Trainer(PluginFacingTrainer):
         deterministic: bool = False,
         on_nonfinite_loss: str = "error",
         checkpoint_weights_only: bool = True,
+        resume_plan: str = "warn",
         blocked_plugins: Sequence[str] = (),
         autoload_plugins: bool | None = None,
     ) -> None:
@@ -140,6 +144,9 @@ class Trainer(PluginFacingTrainer):
             raise MisconfigurationError(f"on_nonfinite_loss must be one of {NONFINITE}, got {on_nonfinite_loss!r}")
         self.on_nonfinite_loss = on_nonfinite_loss
         self.checkpoint_weights_only = _check_type("checkpoint_weights_only", checkpoint_weights_only, bool)
+        if not isinstance(resume_plan, str) or resume_plan not in RESUME_PLAN:
+            raise MisconfigurationError(f"resume_plan must be one of {RESUME_PLAN}, got {resume_plan!r}")
+        self.resume_plan = resume_plan
         many = (isinstance(self.devices, int) and self.devices > 1) or self.num_nodes > 1
         if many and self.strategy in SINGLE_PROCESS:
             raise MisconfigurationError(
@@ -184,6 +191,8 @@ class Trainer(PluginFacingTrainer):
             list(plugins) + self._trainer_callbacks, role_defaults=self._role_defaults(), blocked=list(blocked_plugins),
             autoload=autoload_plugins
         )
+        #: what this Trainer will run, and why (torchplug.plan); ranks compare its fingerprint
+        self.plan: Plan = build_plan(self)
         self.hooks = Hooks(self.pm)
         self.hooks.check_configuration(trainer=self)
 
@@ -281,6 +290,7 @@ class Trainer(PluginFacingTrainer):
             # Read and match against the model before any work: a bad file fails here.
             resume = ckpt.load(ckpt_path, weights_only=self.checkpoint_weights_only)
             ckpt.check_matches(resume, model, ckpt_path)
+            check_resume_plan(self.plan, resume, ckpt_path, strict=self.resume_plan == "strict")
             if already_finished(resume, self.max_epochs, self.max_steps):
                 self._finished_already(model, resume, ckpt_path)
                 return

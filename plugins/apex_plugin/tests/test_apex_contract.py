@@ -39,7 +39,7 @@ from apex_test_support import (
 )
 
 import torchplug
-from torchplug import CheckpointError, MisconfigurationError, PluginHookError
+from torchplug import CheckpointError, MisconfigurationError, PlanChangedWarning, PluginHookError
 from torchplug.testing.recorder import HookRecorder
 from torchplug.testing.syncs import accelerator_path, reads_per_step
 from torchplug_apex import CHECKPOINT_KEY, ApexPlugin
@@ -440,7 +440,8 @@ def test_contract_checkpoint_round_trip_and_resume_initialise_then_load(fake_amp
     probe = Probe()
     resumed_model = Net(inject_at=(1,))
     second = cpu_apex_trainer(max_steps=4, plugins=[probe])
-    second.fit(resumed_model, train_dataloaders=data, ckpt_path=first.checkpoint_path)
+    with pytest.warns(PlanChangedWarning, match="plugin 'apex_probe'"):  # the first run had no probe
+        second.fit(resumed_model, train_dataloaders=data, ckpt_path=first.checkpoint_path)
     order = [n for n in calls(fake_amp) if n in ("initialize", "load_state_dict", "scale_loss")]
     assert order[:3] == ["initialize", "load_state_dict", "scale_loss"]
     assert calls(fake_amp, "load_state_dict")[0]["state_dict"] == saved[CHECKPOINT_KEY]
@@ -458,13 +459,14 @@ def test_contract_checkpoint_without_or_with_bad_apex_state(fake_amp: ModuleType
                               autoload_plugins=False)
     plain.fit(Net(), train_dataloaders=batches())
     assert plain.checkpoint_path is not None
-    with pytest.warns(UserWarning, match="no apex amp state"):
+    with pytest.warns(UserWarning, match="no apex amp state"), \
+            pytest.warns(PlanChangedWarning, match=r"precision role: torchplug.defaults -> apex \[numerics\]"):
         cpu_apex_trainer(max_steps=2).fit(Net(), train_dataloaders=batches(), ckpt_path=plain.checkpoint_path)
 
     bad = torch.load(plain.checkpoint_path, weights_only=True)
     bad[CHECKPOINT_KEY] = {"not_a_scaler": {"loss_scale": 1.0}}
     torch.save(bad, tmp_path / "bad.ckpt")
-    with pytest.raises(PluginHookError) as info:
+    with pytest.raises(PluginHookError) as info, pytest.warns(PlanChangedWarning, match="plugin 'apex'"):
         cpu_apex_trainer(max_steps=2).fit(Net(), train_dataloaders=batches(), ckpt_path=tmp_path / "bad.ckpt")
     assert isinstance(info.value.__cause__, CheckpointError)
     assert "'apex_amp' entry is not an amp.state_dict()" in str(info.value.__cause__)

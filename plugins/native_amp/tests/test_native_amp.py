@@ -17,7 +17,7 @@ from native_amp_helpers import MLP, QUIET, RecordingAMP, StepRecorder, flat_para
 from torch import nn
 
 import torchplug
-from torchplug import CheckpointError, MisconfigurationError, Trainer
+from torchplug import CheckpointError, MisconfigurationError, PlanChangedWarning, Trainer
 from torchplug_native_amp import NativeAMPPlugin
 from torchplug_native_amp.plugin import _check_autocast, _found_inf
 
@@ -430,7 +430,8 @@ def test_resume_restores_the_loss_scale(tmp_path: Path) -> None:
     rec = StepRecorder()
     resumed = Trainer(plugins=[resumed_plugin, rec], max_steps=6, default_root_dir=tmp_path,
                       enable_progress_bar=False, log_every_n_steps=1)
-    resumed.fit(MLP(), loader(), ckpt_path=saved)
+    with pytest.warns(PlanChangedWarning, match="plugin 'StepRecorder'"):
+        resumed.fit(MLP(), loader(), ckpt_path=saved)
     assert rec.scale_at_start == 256.0  # restored before the first resumed step
     assert rec.scales == [256.0, 256.0]
     assert resumed.global_step == 6
@@ -459,7 +460,8 @@ def test_fp32_checkpoint_into_an_fp16_run_keeps_the_defaults(tmp_path: Path) -> 
     plugin = NativeAMPPlugin(16, init_scale=512.0)
     rec = StepRecorder()
     resumed = Trainer(plugins=[plugin, rec], max_steps=3, default_root_dir=tmp_path, enable_progress_bar=False)
-    with pytest.warns(UserWarning, match="no GradScaler state"):
+    with pytest.warns(UserWarning, match="no GradScaler state"), \
+            pytest.warns(PlanChangedWarning, match="precision role: torchplug.defaults -> native_amp"):
         resumed.fit(MLP(), loader(), ckpt_path=trainer.checkpoint_path)
     assert rec.scale_at_start == 512.0
     assert resumed.global_step == 3
@@ -470,7 +472,8 @@ def test_fp16_checkpoint_into_a_bf16_run_and_back(tmp_path: Path) -> None:
                    enable_progress_bar=False)
     fp16.fit(MLP(), loader())
     bf16 = Trainer(precision="bf16", max_steps=3, default_root_dir=tmp_path, enable_progress_bar=False)
-    bf16.fit(MLP(), loader(), ckpt_path=fp16.checkpoint_path)  # the scaler state is simply unused
+    with pytest.warns(PlanChangedWarning, match="setting precision: 32 -> bf16"):  # fp16 came from the plugin object
+        bf16.fit(MLP(), loader(), ckpt_path=fp16.checkpoint_path)  # the scaler state is simply unused
     assert bf16.checkpoint_path is not None
     assert "native_amp" not in torch.load(bf16.checkpoint_path, weights_only=True)
 

@@ -32,7 +32,8 @@ function): strategy contracts pickle them into worker processes.
   honours ``norm_type`` (2 and inf).
 * :class:`StrategyPluginContract`: declares ``role = "strategy"``; on 2 gloo ranks no gradient
   all-reduce happens inside ``block_backward_sync`` and each gradient is all-reduced exactly once
-  after it; ``get_model_from_plugin`` undoes ``configure_ddp``; replicas stay identical; every
+  after it; ``get_model_from_plugin`` undoes ``configure_ddp``; ``all_gather_object`` returns
+  every rank's object in rank order (the plan handshake); replicas stay identical; every
   hook fires in each launch mode (in-process, ``devices=2`` workers, an already initialised
   process group), which the plugin leaves initialised.
 * :class:`CallbackPluginContract` (callbacks and loggers): a fit stopped and resumed from

@@ -307,6 +307,13 @@ class DDPPlugin(Plugin):
         dist.broadcast_object_list(holder, src=src, group=self.process_group)
         return holder[0]
 
+    def all_gather_object(self, obj: Any) -> list[Any] | None:
+        if self._world_size <= 1:
+            return None
+        gathered: list[Any] = [None] * self._world_size
+        dist.all_gather_object(gathered, obj, group=self.process_group)
+        return gathered
+
     def reduce(self, tensor: torch.Tensor, op: str) -> torch.Tensor | None:
         if op not in ("mean", "sum"):
             raise ValueError(f"reduce(op={op!r}): use 'mean' or 'sum'")

@@ -250,10 +250,14 @@ class _SyncProbe(Plugin):
 
     def on_fit_end(self, trainer: Any, model: nn.Module) -> None:
         initialised = dist.is_available() and dist.is_initialized()
+        rank = dist.get_rank() if initialised else trainer.global_rank
+        # what the plan handshake relies on: every rank's object, in rank order (a collective: all ranks run it)
+        gathered = trainer.hooks.all_gather_object(obj={"rank": rank})
         report = {
             "pid": os.getpid(),
-            "rank": dist.get_rank() if initialised else trainer.global_rank,
+            "rank": rank,
             "world_size": trainer.world_size,
+            "gathered": gathered,
             "wrapped": self._wrapped, "roundtrip": self._roundtrip, "ddp_found": self._ddp_found,
             "comm_hook_error": self._comm_hook_error,
             "n_params": sum(1 for p in model.parameters() if p.requires_grad),

@@ -137,6 +137,16 @@ class StrategyPluginContract(PluginContract):
                             f"{window['grad_spread']}: they were not averaged across processes")
 
     @_timeout(300)
+    def test_all_gather_object_returns_every_rank_in_rank_order(self, preinitialised_run: dict[str, Any],
+                                                                world_size: int) -> None:
+        plugin = preinitialised_run["plugin"]
+        expected = [{"rank": rank} for rank in range(world_size)]
+        for probe in preinitialised_run["probes"]:
+            if probe["gathered"] != expected:
+                _broken("all_gather_object returns every rank's object, in rank order (the plan handshake needs it)",
+                        plugin, f"rank {probe['rank']} got {probe['gathered']!r}, expected {expected!r}: implement "
+                        "all_gather_object with torch.distributed.all_gather_object on the plugin's group")
+
     def test_get_model_from_plugin_round_trips(self, preinitialised_run: dict[str, Any]) -> None:
         plugin = preinitialised_run["plugin"]
         for probe in preinitialised_run["probes"]:
