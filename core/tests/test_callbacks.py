@@ -16,7 +16,7 @@ import torch
 import torchplug
 from torchplug import checkpoint as ckpt
 from torchplug.callbacks import EarlyStopping, LearningRateMonitor, ModelCheckpoint
-from torchplug.errors import MisconfigurationError, PluginHookError
+from torchplug.errors import MisconfigurationError, PlanChangedWarning, PluginHookError
 from torchplug.metrics import read_csv
 from torchplug.testing.models import TinyMLP, tiny_loader
 
@@ -115,7 +115,8 @@ def test_model_checkpoint_keeps_exactly_the_top_k_and_each_resumes(make_trainer:
         assert data["epoch"] == epoch
         assert data["global_step"] == 2 * (epoch + 1)
         resumed = make_trainer(max_epochs=epoch + 2, enable_checkpointing=True)
-        resumed.fit(TinyMLP(), tiny_loader(n=16, batch_size=8), ckpt_path=path)
+        with pytest.warns(PlanChangedWarning, match="model_checkpoint"):  # resumed without the callback
+            resumed.fit(TinyMLP(), tiny_loader(n=16, batch_size=8), ckpt_path=path)
         assert resumed.current_epoch == epoch + 2
         assert resumed.global_step == 2 * (epoch + 2)
     # resume continues the top-k list: the files from before count, new better ones replace them

@@ -13,6 +13,7 @@ import torch
 
 import torchplug
 from torchplug.callbacks import EarlyStopping
+from torchplug.errors import PlanChangedWarning
 from torchplug.metrics import postfix, read_csv
 from torchplug.testing.models import TinyMLP, tiny_loader
 
@@ -77,7 +78,8 @@ def test_should_stop_ends_the_fit_like_max_steps_and_resumes(make_trainer: Any) 
     assert trainer.current_epoch == 0
     assert trainer.should_stop
     resumed = make_trainer(max_epochs=1)
-    resumed.fit(TinyMLP(), tiny_loader(n=32, batch_size=8), ckpt_path=trainer.checkpoint_path)
+    with pytest.warns(PlanChangedWarning, match="Watcher"):  # resumed without the stopping plugin
+        resumed.fit(TinyMLP(), tiny_loader(n=32, batch_size=8), ckpt_path=trainer.checkpoint_path)
     assert resumed.global_step == 4  # the last.ckpt of step 3 continued at batch 3
     assert resumed.current_epoch == 1
 
