@@ -45,10 +45,10 @@ for _name in HOOK_NAMES:
 def expected_fit(epochs: int, n_batches: int, accumulate: int, clip: bool, n_val: int, val_metrics: int,
                  checkpoint: bool, resume: bool = False, first_epoch: int = 0) -> list[str]:
     """The documented order (loop.py's docstring), written out independently of the loop."""
-    calls = ["launch", "setup_environment", "world_size", "global_rank", "root_device",
-             "on_after_setup_optimizers", "connect_precision", "configure_ddp"]
+    calls = ["launch", "setup_environment", "world_size", "global_rank", "root_device", "model_init_context",
+             "model_transforms", "setup_optimizers", "on_after_setup_optimizers", "connect_precision", "configure_ddp"]
     if resume:
-        calls.append("on_load_checkpoint")
+        calls += ["load_state_dicts", "on_load_checkpoint"]
     calls.append("on_fit_start")
     for epoch in range(first_epoch, epochs):
         calls.append(f"on_train_epoch_start:{epoch}")
@@ -71,7 +71,7 @@ def expected_fit(epochs: int, n_batches: int, accumulate: int, clip: bool, n_val
             calls += ["reduce"] * val_metrics
             calls.append("on_validation_end")
         if checkpoint:
-            calls += ["collect_state", "on_save_checkpoint"]
+            calls += ["collect_state", "get_state_dicts", "on_save_checkpoint"]
     calls += ["on_fit_end", "teardown_environment"]
     return calls
 
@@ -89,7 +89,7 @@ def test_hook_order_with_accumulation_clipping_validation_and_checkpoints(tp: An
     # What never fires in one process without a DDP wrapper, apex, a resume or an error:
     fired = {call.split(":")[0] for call in recorder.calls} | {"check_configuration"}
     assert set(HOOK_NAMES) - fired == {"configure_apex", "get_model_from_plugin", "data_parallel_group", "barrier",
-                                       "broadcast", "on_load_checkpoint", "on_exception"}
+                                       "broadcast", "load_state_dicts", "on_load_checkpoint", "on_exception"}
 
 
 def test_hook_order_without_clipping_validation_or_checkpoints(tp: Any, make_trainer: Any) -> None:

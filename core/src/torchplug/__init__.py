@@ -42,6 +42,7 @@ if TYPE_CHECKING:
     from torchplug.run import FitOutcome
     from torchplug.seed import seed_everything
     from torchplug.trainer import Trainer
+    from torchplug.transforms import ModelTransform
     from torchplug.wrappers import TrainingStepModule
 
 # Names that need torch load on first use, so `import torchplug` (and `torchplug plugins`, which
@@ -54,6 +55,7 @@ _LAZY = {
     "FitOutcome": "torchplug.run",
     "Trainer": "torchplug.trainer",
     "TrainingStepModule": "torchplug.wrappers",
+    "ModelTransform": "torchplug.transforms",
 }
 
 
@@ -72,6 +74,7 @@ __all__ = [
     "CheckpointError",
     "FitOutcome",
     "MisconfigurationError",
+    "ModelTransform",
     "NonFiniteLossError",
     "Plugin",
     "PluginBlockedError",

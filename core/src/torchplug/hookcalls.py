@@ -68,6 +68,7 @@ trace_logger = logging.getLogger("torchplug.trace")
 #: The ``torch.distributed`` functions a file trace counts (those that exist in this torch).
 COLLECTIVES = (
     "all_reduce", "all_gather", "all_gather_into_tensor", "reduce_scatter_tensor", "broadcast",
+    "all_gather_single", "reduce_scatter_single",  # what FSDP2 issues (torch 2.13)
     "broadcast_object_list", "all_gather_object", "barrier", "monitored_barrier", "reduce", "scatter", "gather",
 )
 
@@ -147,6 +148,23 @@ class Hooks:
         file only if hooks were called since (their spans are added, counted again)."""
         return self._file_trace.close() if self._file_trace is not None else None
 
+    def answers(self, name: str, **kwargs: Any) -> list[tuple[str, Any]]:
+        """Call an all-called hook and return ``(plugin name, answer)`` for every implementation
+        that answered, in pluggy's order: for setup hooks whose errors must name the plugin
+        (``model_transforms``). Not traced; wrappers are not supported there."""
+        hook: pluggy.HookCaller = getattr(self._pm.hook, name)
+        results = []
+        for impl in reversed(hook.get_hookimpls()):
+            if impl.wrapper or impl.hookwrapper:
+                raise PluginValidationError(
+                    f"Plugin {impl.plugin_name!r}: hook {name!r} cannot be implemented as a wrapper; "
+                    "return your answer from a plain implementation."
+                )
+            result = impl.function(*[kwargs[a] for a in impl.argnames])
+            if result is not None:
+                results.append((impl.plugin_name, result))
+        return results
+
     def blame(self, exc: BaseException) -> tuple[str, str] | None:
         """The innermost (plugin, hook) implementation on ``exc``'s traceback, if any."""
         found = None
@@ -184,6 +202,9 @@ class Hooks:
         def teardown_environment(self, *, trainer: Trainer) -> list[Any]: ...
 
         # 2. setup
+        def model_init_context(self, *, trainer: Trainer) -> list[Any]: ...
+        def model_transforms(self, *, trainer: Trainer, model: nn.Module) -> list[Any]: ...
+        def setup_optimizers(self, *, trainer: Trainer, optimizers: list[Optimizer]) -> list[Optimizer]: ...
         def on_after_setup_optimizers(self, *, trainer: Trainer) -> list[Any]: ...
         def connect_precision(
             self, *, trainer: Trainer, model: nn.Module, optimizers: list[Optimizer]
@@ -219,6 +240,13 @@ class Hooks:
         def on_train_epoch_end(self, *, trainer: Trainer, epoch: int) -> list[Any]: ...
         def on_validation_end(self, *, trainer: Trainer, metrics: dict[str, float]) -> list[Any]: ...
         def collect_state(self, *, trainer: Trainer) -> list[Any]: ...
+        def get_state_dicts(
+            self, *, trainer: Trainer, model: nn.Module, optimizers: list[Optimizer]
+        ) -> tuple[dict[str, Any], list[dict[str, Any]]]: ...
+        def load_state_dicts(
+            self, *, trainer: Trainer, model: nn.Module, optimizers: list[Optimizer], state_dict: dict[str, Any],
+            optimizer_states: list[dict[str, Any]]
+        ) -> bool: ...
         def on_save_checkpoint(self, *, trainer: Trainer, checkpoint: dict[str, Any]) -> list[Any]: ...
         def on_load_checkpoint(self, *, trainer: Trainer, checkpoint: dict[str, Any]) -> list[Any]: ...
         def on_fit_end(self, *, trainer: Trainer, model: nn.Module) -> list[Any]: ...

@@ -67,6 +67,8 @@ class FitLoop:
         self.batches = EpochBatches(parts.train_loader, trainer.limit_train_batches, state, position)
         self.losses = LossCheck(trainer.on_nonfinite_loss, parts.device)
         self._saved_at: tuple[int, int, int] | None = None
+        #: rank 0's trained weights (``get_state_dicts``), for a fit in worker processes
+        self.final_weights: dict[str, Any] | None = None
         self._training_step: Callable[..., Any] = cast(StepModule, self.module).training_step
 
     # -- the loop ----------------------------------------------------------------------------
@@ -175,6 +177,12 @@ class FitLoop:
         self.log_train()
         self.outputs.progress.close()
         self.checkpoint()
+        if self.trainer.launched_copy:  # the weights go back to the process that called fit
+            if self._saved_at != (self.state.epoch, self.state.batch_in_epoch, self.state.global_step):
+                self.hooks.collect_state(trainer=self.trainer)  # every rank; checkpoint() did not
+            if self.trainer.is_global_zero:
+                self.final_weights, _ = self.hooks.get_state_dicts(trainer=self.trainer, model=self.module,
+                                                                   optimizers=self.optimizers)
         self.hooks.on_fit_end(trainer=self.trainer, model=self.module)
 
     def finished(self) -> bool:
@@ -278,11 +286,14 @@ class FitLoop:
         self.checkpoint()
 
     def checkpoint_dict(self) -> dict[str, Any]:
+        """Rank 0's checkpoint, after ``collect_state`` ran on every process."""
+        weights, optimizer_states = self.hooks.get_state_dicts(trainer=self.trainer, model=self.module,
+                                                               optimizers=self.optimizers)
         checkpoint: dict[str, Any] = {
             "torchplug_checkpoint": ckpt.FORMAT_VERSION,
             "torchplug_version": __version__,
             **self.state.to_checkpoint(),
-            **training_state(self.module, self.optimizers, self.schedulers),
+            **training_state(weights, optimizer_states, self.schedulers),
             "rng_states": self.batches.rng_snapshot(),
             "plugins": self.trainer.plugin_names,
         }
