@@ -151,18 +151,34 @@ class Hooks:
     def answers(self, name: str, **kwargs: Any) -> list[tuple[str, Any]]:
         """Call an all-called hook and return ``(plugin name, answer)`` for every implementation
         that answered, in pluggy's order: for setup hooks whose errors must name the plugin
-        (``model_transforms``). Not traced; wrappers are not supported there."""
+        (``model_transforms``). New-style wrappers (``wrapper=True``) run around the call as in
+        pluggy and see the answers as a list (what they return is not used); old-style
+        ``hookwrapper=True`` is refused there."""
         hook: pluggy.HookCaller = getattr(self._pm.hook, name)
-        results = []
-        for impl in reversed(hook.get_hookimpls()):
-            if impl.wrapper or impl.hookwrapper:
+        impls = list(reversed(hook.get_hookimpls()))  # pluggy's calling order
+        wrappers = []
+        for impl in impls:
+            if impl.hookwrapper:
                 raise PluginValidationError(
-                    f"Plugin {impl.plugin_name!r}: hook {name!r} cannot be implemented as a wrapper; "
-                    "return your answer from a plain implementation."
+                    f"Plugin {impl.plugin_name!r}: hook {name!r} cannot be an old-style hookwrapper; use "
+                    "@hookimpl(wrapper=True) or a plain implementation."
                 )
-            result = impl.function(*[kwargs[a] for a in impl.argnames])
-            if result is not None:
-                results.append((impl.plugin_name, result))
+            if impl.wrapper:
+                generator = impl.function(*[kwargs[a] for a in impl.argnames])
+                next(generator)  # up to its yield, as pluggy does
+                wrappers.append((impl, generator))
+        results = []
+        for impl in impls:
+            if not impl.wrapper:
+                result = impl.function(*[kwargs[a] for a in impl.argnames])
+                if result is not None:
+                    results.append((impl.plugin_name, result))
+        for impl, generator in reversed(wrappers):
+            try:
+                generator.send([answer for _, answer in results])
+            except StopIteration:
+                continue
+            raise PluginValidationError(f"Plugin {impl.plugin_name!r}: the wrapper of {name!r} yielded twice.")
         return results
 
     def blame(self, exc: BaseException) -> tuple[str, str] | None:
