@@ -42,10 +42,10 @@ import threading
 import time
 import types
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Generator
 from pathlib import Path
 from types import CodeType
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import pluggy
 
@@ -164,7 +164,7 @@ class Hooks:
                     "@hookimpl(wrapper=True) or a plain implementation."
                 )
             if impl.wrapper:
-                generator = impl.function(*[kwargs[a] for a in impl.argnames])
+                generator = cast(Generator[None, Any, Any], impl.function(*[kwargs[a] for a in impl.argnames]))
                 next(generator)  # up to its yield, as pluggy does
                 wrappers.append((impl, generator))
         results = []
