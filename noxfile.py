@@ -1,6 +1,6 @@
 """nox sessions: each package's tests, the built wheels in a fresh environment, lint, types, demo.
 
-    nox -s tests-core tests-ddp tests-native-amp tests-apex   # one package each, editable installs
+    nox -s tests-core tests-ddp tests-native-amp tests-apex tests-fsdp   # one package each, editable installs
     nox -s wheels       # build the 4 wheels into dist/, pip install "torchplug[all]" from there into
                         # a fresh venv, run tests/ against them (site-packages, never the source tree)
     nox -s lint typecheck demo
@@ -31,6 +31,7 @@ PROJECTS = {
     "torchplug-ddp": ROOT / "plugins" / "ddp_plugin",
     "torchplug-native-amp": ROOT / "plugins" / "native_amp",
     "torchplug-apex": ROOT / "plugins" / "apex_plugin",
+    "torchplug-fsdp": ROOT / "plugins" / "fsdp_plugin",
 }
 DIST = ROOT / "dist"
 #: Shared from the interpreter running nox, with what they require. pip too: the venvs are made
@@ -44,7 +45,8 @@ TEST_TOOLS = ("pytest>=8", "pytest-timeout>=2.3", "setuptools>=77")
 RUFF = "ruff==0.17.6"
 MYPY = "mypy==2.4.1"
 
-nox.options.sessions = ["lint", "typecheck", "tests-core", "tests-ddp", "tests-native-amp", "tests-apex", "wheels"]
+nox.options.sessions = ["lint", "typecheck", "tests-core", "tests-ddp", "tests-native-amp", "tests-apex", "tests-fsdp",
+                        "wheels"]
 nox.options.default_venv_backend = "venv"
 #: No ensurepip (~5 s a venv, and its old setuptools would shadow the shared one): installs run
 #: the pip of the interpreter running nox with --python (see pip()).
@@ -118,6 +120,12 @@ def tests_ddp(session: nox.Session) -> None:
 
 
 # The precision plugins' tests include runs combined with DDP: the ddp plugin comes along.
+@nox.session(name="tests-fsdp", **VENV)
+def tests_fsdp(session: nox.Session) -> None:
+    """torchplug-fsdp's tests (real gloo processes; the ddp plugin provides them)."""
+    package_tests(session, "torchplug-ddp", "torchplug-fsdp", tests=["plugins/fsdp_plugin/tests"])
+
+
 @nox.session(name="tests-native-amp", **VENV)
 def tests_native_amp(session: nox.Session) -> None:
     """torchplug-native-amp's tests."""

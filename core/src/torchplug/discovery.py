@@ -39,7 +39,7 @@ PLUGINS_ENV = "TORCHPLUG_PLUGINS"
 BLOCK_ENV = "TORCHPLUG_BLOCK_PLUGINS"
 
 #: First-party plugin names and the extra of ``torchplug`` that installs each.
-FIRST_PARTY = {"ddp": "ddp", "native_amp": "native-amp", "apex": "apex"}
+FIRST_PARTY = {"ddp": "ddp", "native_amp": "native-amp", "apex": "apex", "fsdp": "fsdp"}
 
 _MARK = b"[torchplug."
 _EP_FILE = os.sep + "entry_points.txt"
