@@ -123,6 +123,8 @@ class Hooks:
             tracer = _TextTrace()
         # plugin, distribution and version of every plugin, once (file traces only: ~0.2 s)
         plugin_info = _plugin_info(pm) if self._file_trace is not None else {}
+        self._tracer = tracer
+        self._plugin_info = plugin_info
         self._owners: dict[CodeType, tuple[str, str]] = {}
         for name in hookspecs.HOOK_NAMES:
             hook: pluggy.HookCaller = getattr(pm.hook, name)
@@ -156,6 +158,25 @@ class Hooks:
         ``hookwrapper=True`` is refused there."""
         hook: pluggy.HookCaller = getattr(self._pm.hook, name)
         impls = list(reversed(hook.get_hookimpls()))  # pluggy's calling order
+        if self._tracer is None:
+            return self._answers(name, impls, kwargs)
+        if not impls:
+            self._tracer.unanswered(name)
+            return []
+        owners = [self._plugin_info.get(impl.plugin_name) or {"plugin": impl.plugin_name} for impl in impls]
+        owner: dict[str, Any] = {"plugin": ", ".join(o["plugin"] for o in owners)}
+        if self._plugin_info:
+            owner["plugins"] = owners
+        start = self._tracer.start()  # one span for the call, naming every implementation
+        try:
+            results = self._answers(name, impls, kwargs)
+        except BaseException as exc:
+            self._tracer.record(name, owner, f"raised {type(exc).__name__}", start)
+            raise
+        self._tracer.record(name, owner, "ran", start)
+        return results
+
+    def _answers(self, name: str, impls: list[pluggy.HookImpl], kwargs: dict[str, Any]) -> list[tuple[str, Any]]:
         wrappers = []
         for impl in impls:
             if impl.hookwrapper:
