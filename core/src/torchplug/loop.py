@@ -14,7 +14,7 @@ step happens. An epoch is a sequence of accumulation windows (:mod:`torchplug.da
             → LR schedulers (interval "step"; not after a skipped step)
         → on_train_batch_end
     on_train_epoch_end → validation (on_validation_end) → LR schedulers (interval "epoch")
-        → last.ckpt (on_save_checkpoint)
+        → last.ckpt (collect_state on every rank → get_state_dicts → on_save_checkpoint)
 
 Counters live in the run's :class:`torchplug.state.RunState`. A stop requested by SIGTERM or
 Ctrl-C (:mod:`torchplug.signals`) takes effect at the end of the current optimizer step.
