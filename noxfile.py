@@ -1,6 +1,6 @@
 """nox sessions: each package's tests, the built wheels in a fresh environment, lint, types, demo.
 
-    nox -s tests-core tests-ddp tests-native-amp tests-apex tests-tensorboard   # one package each, editable
+    nox -s tests-core tests-ddp tests-native-amp tests-apex tests-tensorboard tests-fsdp tests-compile   # editable
     nox -s wheels       # build the 4 wheels into dist/, pip install "torchplug[all]" from there into
                         # a fresh venv, run tests/ against them (site-packages, never the source tree)
     nox -s lint typecheck demo
@@ -33,6 +33,8 @@ PROJECTS = {
     "torchplug-native-amp": ROOT / "plugins" / "native_amp",
     "torchplug-apex": ROOT / "plugins" / "apex_plugin",
     "torchplug-tensorboard": ROOT / "plugins" / "tensorboard_plugin",
+    "torchplug-fsdp": ROOT / "plugins" / "fsdp_plugin",
+    "torchplug-compile": ROOT / "plugins" / "compile_plugin",
 }
 DIST = ROOT / "dist"
 #: Shared from the interpreter running nox, with what they require. pip too: the venvs are made
@@ -47,7 +49,7 @@ RUFF = "ruff==0.17.6"
 MYPY = "mypy==2.4.1"
 
 nox.options.sessions = ["lint", "typecheck", "tests-core", "tests-ddp", "tests-native-amp", "tests-apex",
-                         "tests-tensorboard", "wheels"]
+                         "tests-tensorboard", "tests-fsdp", "tests-compile", "wheels"]
 nox.options.default_venv_backend = "venv"
 #: No ensurepip (~5 s a venv, and its old setuptools would shadow the shared one): installs run
 #: the pip of the interpreter running nox with --python (see pip()).
@@ -121,6 +123,19 @@ def tests_ddp(session: nox.Session) -> None:
 
 
 # The precision plugins' tests include runs combined with DDP: the ddp plugin comes along.
+@nox.session(name="tests-fsdp", **VENV)
+def tests_fsdp(session: nox.Session) -> None:
+    """torchplug-fsdp's tests (real gloo processes; the ddp plugin provides them)."""
+    package_tests(session, "torchplug-ddp", "torchplug-fsdp", tests=["plugins/fsdp_plugin/tests"])
+
+
+@nox.session(name="tests-compile", **VENV)
+def tests_compile(session: nox.Session) -> None:
+    """torchplug-compile's tests (composed with native_amp and ddp on 2 gloo ranks)."""
+    package_tests(session, "torchplug-ddp", "torchplug-native-amp", "torchplug-compile",
+                  tests=["plugins/compile_plugin/tests"])
+
+
 @nox.session(name="tests-native-amp", **VENV)
 def tests_native_amp(session: nox.Session) -> None:
     """torchplug-native-amp's tests."""
@@ -141,7 +156,7 @@ def tests_tensorboard(session: nox.Session) -> None:
 
 @nox.session(**VENV)
 def wheels(session: nox.Session) -> None:
-    """Build the four wheels into dist/, install "torchplug[all]" from that folder into this fresh
+    """Build the wheels into dist/, install "torchplug[all]" from that folder into this fresh
     venv, and run tests/ against the installed wheels (conftest refuses the source tree)."""
     constraints = share_torch(session)
     pip(session, "install", "--quiet", "-c", str(constraints), *TEST_TOOLS)
@@ -194,7 +209,7 @@ print("no distribution named apex installed")
 
 
 def build_wheels(session: nox.Session) -> None:
-    """Wheels of the four projects into dist/, built from copies (no build/ or egg-info in the tree)."""
+    """Wheels of the projects into dist/, built from copies (no build/ or egg-info in the tree)."""
     DIST.mkdir(exist_ok=True)
     for old in DIST.glob("torchplug*.whl"):
         old.unlink()

@@ -105,6 +105,8 @@ PARTS = [
          "bf16 native_amp step time on the CPU, Trainer vs hand autocast loop (+ Lightning)"),
     Part("ddp_step", "ddp_step.py", [], ["--quick"], own_rows,
          "step time on two gloo ranks, Trainer(ddp) vs hand-written DDP"),
+    Part("sharded_step", "sharded_step.py", [], ["--quick"], own_rows,
+         "step time on two gloo ranks, Trainer(fsdp / ddp_zero) vs hand FSDP2 / ZeRO; optimizer state per rank"),
     Part("ddp_no_sync", "ddp_no_sync.py", [], ["--reps", "1", "--warmup", "1", "--measure", "1"], ddp_no_sync_rows,
          "no_sync accumulation speedup, Trainer vs hand-written DDP"),
     Part("handshake", "handshake.py", [], ["--quick"], own_rows,

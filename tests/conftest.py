@@ -23,7 +23,8 @@ INSTALLED_ENV = "TORCHPLUG_TEST_INSTALLED"
 #: A folder with wheels already built (``nox -s wheels`` passes dist/): tests install those.
 WHEELHOUSE_ENV = "TORCHPLUG_WHEELHOUSE"
 PACKAGES = {"torchplug": "torchplug", "torchplug_ddp": "torchplug-ddp",
-            "torchplug_native_amp": "torchplug-native-amp", "torchplug_apex": "torchplug-apex"}
+            "torchplug_native_amp": "torchplug-native-amp", "torchplug_apex": "torchplug-apex",
+            "torchplug_fsdp": "torchplug-fsdp", "torchplug_compile": "torchplug-compile"}
 SRC_DIRS = [REPO / "core" / "src", *sorted(REPO.glob("plugins/*/src")), *sorted(REPO.glob("examples/*/src"))]
 
 

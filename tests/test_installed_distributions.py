@@ -24,6 +24,8 @@ FIRST_PARTY = {  # distribution: (entry-point name, import, extra)
     "torchplug-native-amp": ("native_amp", "torchplug_native_amp", "native-amp"),
     "torchplug-apex": ("apex", "torchplug_apex", "apex"),
     "torchplug-tensorboard": ("tensorboard", "torchplug_tensorboard", "tensorboard"),
+    "torchplug-fsdp": ("fsdp", "torchplug_fsdp", "fsdp"),
+    "torchplug-compile": ("compile", "torchplug_compile", "compile"),
 }
 QUIET: dict[str, Any] = {"max_epochs": 1, "enable_progress_bar": False, "logger": False,
                          "enable_checkpointing": False, "autoload_plugins": False}
@@ -43,13 +45,15 @@ def _requirements(dist: importlib.metadata.Distribution) -> list[Requirement]:
 def test_core_extras_pull_exactly_the_plugin_distributions() -> None:
     extras: dict[str, set[str]] = {}
     for req in _requirements(_dist("torchplug")):
-        for extra in ("ddp", "native-amp", "apex", "tensorboard", "all"):
+        for extra in ("ddp", "native-amp", "apex", "tensorboard", "fsdp", "compile", "all"):
             if req.marker is not None and req.marker.evaluate({"extra": extra}):
                 extras.setdefault(extra, set()).add(req.name)
     assert extras["ddp"] == {"torchplug-ddp"}
     assert extras["native-amp"] == {"torchplug-native-amp"}
     assert extras["apex"] == {"torchplug-apex"}
     assert extras["tensorboard"] == {"torchplug-tensorboard"}
+    assert extras["fsdp"] == {"torchplug-fsdp"}
+    assert extras["compile"] == {"torchplug-compile"}
     assert extras["all"] == set(FIRST_PARTY)
 
 

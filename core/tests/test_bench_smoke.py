@@ -83,6 +83,18 @@ def test_ddp_step_quick() -> None:
     _check_rows(result["rows"])
 
 
+@pytest.mark.timeout(150)
+@pytest.mark.skipif(not _installed("torchplug-fsdp"), reason="torchplug-fsdp is not installed")
+def test_sharded_step_quick() -> None:
+    result = _result(_run(str(BENCH / "sharded_step.py"), "--quick", timeout=150))
+    assert result["groups"]["fsdp"]["ms_per_step"]["torchplug"]["median"] > 0
+    assert result["groups"]["zero"]["ms_per_step"]["torchplug"]["median"] > 0
+    ddp, zero, fsdp = (result["state_bytes_per_rank"][s] for s in ("ddp", "ddp_zero", "fsdp"))
+    assert sum(zero) == ddp[0]  # ZeRO-1 splits DDP's Adam state between the ranks
+    assert sum(fsdp) == ddp[0]
+    _check_rows(result["rows"])
+
+
 @pytest.mark.timeout(90)
 @pytest.mark.skipif(not _installed("torchplug-ddp"), reason="torchplug-ddp is not installed")
 def test_handshake_quick() -> None:

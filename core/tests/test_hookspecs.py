@@ -14,9 +14,11 @@ import torch
 from torchplug import defaults, hookspecs
 from torchplug.hookcalls import Hooks
 from torchplug.trainer import Trainer
+from torchplug.transforms import ModelTransform
 
 HOOKS = list(hookspecs.HOOK_NAMES)
-TYPE_NAMES = {"torch": torch, "nn": torch.nn, "Optimizer": torch.optim.Optimizer, "Trainer": Trainer}
+TYPE_NAMES = {"torch": torch, "nn": torch.nn, "Optimizer": torch.optim.Optimizer, "Trainer": Trainer,
+              "ModelTransform": ModelTransform}
 
 
 def spec(name: str) -> Callable[..., Any]:

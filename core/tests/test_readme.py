@@ -185,6 +185,7 @@ RUN_BY = {
     "python bench/loop_overhead.py --sizes compute --reps 9": BENCH,
     "python bench/amp_overhead.py --reps 7": BENCH,
     "python bench/ddp_no_sync.py --reps 9": BENCH,
+    "python bench/sharded_step.py --reps 5": "core/tests/test_bench_smoke.py::test_sharded_step_quick",
     "python bench/discovery_import.py --reps 5": BENCH,
     "python bench/run.py": BENCH,
 }

@@ -48,9 +48,10 @@ def expected_fit(epochs: int, n_batches: int, accumulate: int, clip: bool, n_val
     ``logs``: training_step logs a metric (Net's train_loss), so every epoch end writes a row;
     log_every_n_steps is never reached here."""
     calls = ["launch", "setup_environment", "world_size", "global_rank", "setup", "root_device",
-             "on_after_setup_optimizers", "connect_precision", "configure_ddp"]
+             "model_init_context", "model_transforms", "setup_optimizers", "on_after_setup_optimizers",
+             "connect_precision", "configure_ddp"]
     if resume:
-        calls.append("on_load_checkpoint")
+        calls += ["load_state_dicts", "on_load_checkpoint"]
     calls += ["on_fit_start", "on_train_start"]
     for epoch in range(first_epoch, epochs):
         calls += ["on_epoch_start", f"on_train_epoch_start:{epoch}"]
@@ -78,7 +79,7 @@ def expected_fit(epochs: int, n_batches: int, accumulate: int, clip: bool, n_val
             calls += ["reduce"] * val_metrics
             calls += ["on_validation_end", "on_log_metrics"]
         if checkpoint:
-            calls += ["collect_state", "on_save_checkpoint"]
+            calls += ["collect_state", "get_state_dicts", "on_save_checkpoint"]
     calls += ["on_train_end", "on_fit_end", "teardown", "teardown_environment"]
     return calls
 
@@ -97,7 +98,8 @@ def test_hook_order_with_accumulation_clipping_validation_and_checkpoints(tp: An
     # handshake, all_gather_object, runs with several processes only):
     fired = {call.split(":")[0] for call in recorder.calls} | {"check_configuration"}
     assert set(HOOK_NAMES) - fired == {"configure_apex", "get_model_from_plugin", "data_parallel_group", "barrier",
-                                       "broadcast", "all_gather_object", "on_load_checkpoint", "on_exception"}
+                                       "broadcast", "all_gather_object", "load_state_dicts", "on_load_checkpoint",
+                                       "on_exception"}
 
 
 def test_hook_order_without_clipping_validation_or_checkpoints(tp: Any, make_trainer: Any) -> None:

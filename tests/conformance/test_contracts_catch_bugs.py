@@ -249,3 +249,47 @@ def test_a_strategy_that_syncs_inside_block_backward_sync_fails(tmp_path: Path) 
     assert outcome == "failed", results
     assert "all_gather_object returns every rank's object, in rank order" in text, text
     assert "rank 0 got [{'rank': 0}], expected [{'rank': 0}, {'rank': 1}]" in text, text
+
+
+FSDP_MUTANT = '''
+import pytest
+import torch
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import fully_shard
+from torchplug import TrainingStepModule
+from torchplug_fsdp import FSDPPlugin
+from torchplug.testing.conformance import StrategyPluginContract
+
+
+class ShardsAfterTheOptimizers(FSDPPlugin):
+    """The Lightning 1.1 setup order: the optimizers exist before fully_shard replaces the
+    parameters with DTensors, so they step stale tensors and the model never trains."""
+
+    def model_transforms(self):
+        return None
+
+    def configure_ddp(self, model, device_ids):
+        mesh = init_device_mesh("cpu", (2,))
+        for layer in [m for m in model.modules() if isinstance(m, torch.nn.Linear)]:
+            fully_shard(layer, mesh=mesh)
+        root = TrainingStepModule(model)
+        fully_shard(root, mesh=mesh)
+        self._root = root
+        return root
+
+
+class TestShardsAfterTheOptimizers(StrategyPluginContract):
+    @pytest.fixture
+    def plugin_factory(self):
+        return lambda: ShardsAfterTheOptimizers(timeout=60)
+'''
+
+
+@pytest.mark.skipif(importlib.util.find_spec("torchplug_fsdp") is None, reason="torchplug-fsdp is not installed")
+@pytest.mark.timeout(300)
+def test_a_strategy_that_builds_the_optimizer_before_sharding_fails(tmp_path: Path) -> None:
+    results = _run_suite(tmp_path, "test_fsdp_mutant", FSDP_MUTANT, "-k", "optimizers_hold")
+    outcome, text = results["TestShardsAfterTheOptimizers::test_optimizers_hold_the_parameters_that_train"]
+    assert outcome == "failed", results
+    assert "Contract broken: the optimizers update the parameters the model trains with" in text, text
+    assert "no optimizer holds module.net.0.weight" in text or "no optimizer holds net.0.weight" in text, text

@@ -38,6 +38,8 @@ def _plugin_class(module: str, name: str, distribution: str, folder: str) -> tup
 DDPPlugin, _ddp_missing = _plugin_class("torchplug_ddp", "DDPPlugin", "torchplug-ddp", "plugins/ddp_plugin")
 TensorBoardLogger, _tb_missing = _plugin_class("torchplug_tensorboard", "TensorBoardLogger", "torchplug-tensorboard",
                                                "plugins/tensorboard_plugin")
+FSDPPlugin, _fsdp_missing = _plugin_class("torchplug_fsdp", "FSDPPlugin", "torchplug-fsdp", "plugins/fsdp_plugin")
+DDPZeroPlugin, _zero_missing = _plugin_class("torchplug_ddp", "DDPZeroPlugin", "torchplug-ddp", "plugins/ddp_plugin")
 NativeAMPPlugin, _amp_missing = _plugin_class("torchplug_native_amp", "NativeAMPPlugin", "torchplug-native-amp",
                                               "plugins/native_amp")
 
@@ -47,6 +49,28 @@ class TestDDPPlugin(StrategyPluginContract):
     @pytest.fixture
     def plugin_factory(self) -> Callable[[], object]:
         return lambda: DDPPlugin(timeout=60)
+
+    @pytest.fixture
+    def trainer_kwargs(self) -> dict[str, Any]:
+        return {"accelerator": "cpu"}
+
+
+@pytest.mark.skipif(FSDPPlugin is None, reason=_fsdp_missing)
+class TestFSDPPlugin(StrategyPluginContract):
+    @pytest.fixture
+    def plugin_factory(self) -> Callable[[], object]:
+        return lambda: FSDPPlugin(timeout=60)
+
+    @pytest.fixture
+    def trainer_kwargs(self) -> dict[str, Any]:
+        return {"accelerator": "cpu"}
+
+
+@pytest.mark.skipif(DDPZeroPlugin is None, reason=_zero_missing)
+class TestDDPZeroPlugin(StrategyPluginContract):
+    @pytest.fixture
+    def plugin_factory(self) -> Callable[[], object]:
+        return lambda: DDPZeroPlugin(timeout=60)
 
     @pytest.fixture
     def trainer_kwargs(self) -> dict[str, Any]:

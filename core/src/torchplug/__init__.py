@@ -45,6 +45,7 @@ if TYPE_CHECKING:
     from torchplug.run import FitOutcome
     from torchplug.seed import seed_everything
     from torchplug.trainer import Trainer
+    from torchplug.transforms import ModelTransform
     from torchplug.wrappers import TrainingStepModule
 
 # Names that need torch load on first use, so `import torchplug` (and `torchplug plugins`, which
@@ -57,6 +58,7 @@ _LAZY = {
     "FitOutcome": "torchplug.run",
     "Trainer": "torchplug.trainer",
     "TrainingStepModule": "torchplug.wrappers",
+    "ModelTransform": "torchplug.transforms",
 }
 
 
@@ -75,6 +77,7 @@ __all__ = [
     "CheckpointError",
     "FitOutcome",
     "MisconfigurationError",
+    "ModelTransform",
     "NonFiniteLossError",
     "PlanChangedError",
     "PlanChangedWarning",

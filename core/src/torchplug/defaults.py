@@ -46,6 +46,11 @@ def root_device(trainer: Trainer, model: nn.Module) -> torch.device:
 
 
 @hookimpl(trylast=True)
+def setup_optimizers(optimizers: list[Optimizer]) -> list[Optimizer]:
+    return optimizers
+
+
+@hookimpl(trylast=True)
 def connect_precision(model: nn.Module, optimizers: list[Optimizer]) -> tuple[nn.Module, list[Optimizer]]:
     return model, optimizers
 
@@ -91,6 +96,20 @@ def clip_gradients(grad_clip_val: float, optimizer: Optimizer, norm_type: float)
 def optimizer_step(optimizers: list[Optimizer]) -> bool:
     for optimizer in optimizers:
         optimizer.step()
+    return True
+
+
+@hookimpl(trylast=True)
+def get_state_dicts(model: nn.Module, optimizers: list[Optimizer]) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    return model.state_dict(), [optimizer.state_dict() for optimizer in optimizers]
+
+
+@hookimpl(trylast=True)
+def load_state_dicts(model: nn.Module, optimizers: list[Optimizer], state_dict: dict[str, Any],
+                     optimizer_states: list[dict[str, Any]]) -> bool:
+    model.load_state_dict(state_dict)
+    for optimizer, state in zip(optimizers, optimizer_states):
+        optimizer.load_state_dict(state)
     return True
 
 

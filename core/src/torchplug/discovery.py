@@ -39,7 +39,8 @@ PLUGINS_ENV = "TORCHPLUG_PLUGINS"
 BLOCK_ENV = "TORCHPLUG_BLOCK_PLUGINS"
 
 #: First-party plugin names and the extra of ``torchplug`` that installs each.
-FIRST_PARTY = {"ddp": "ddp", "native_amp": "native-amp", "apex": "apex", "tensorboard": "tensorboard"}
+FIRST_PARTY = {"ddp": "ddp", "native_amp": "native-amp", "apex": "apex", "tensorboard": "tensorboard", "fsdp": "fsdp",
+               "ddp_zero": "ddp", "compile": "compile"}
 
 _MARK = b"[torchplug."
 _EP_FILE = os.sep + "entry_points.txt"

@@ -14,10 +14,10 @@ from __future__ import annotations
 
 import os
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Generator
 from pathlib import Path
 from types import CodeType
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import pluggy
 
@@ -96,6 +96,8 @@ class Hooks:
         elif text:
             tracer = TextTrace()
         self._tracer = tracer
+        #: plugin, distribution and version of every plugin (file traces only)
+        self._plugin_info: dict[str, dict[str, Any]] = {}
         self._owners: dict[CodeType, tuple[str, str]] = {}
         #: the hooks that have at least one implementation (the loop collects step outputs for
         #: ``training_epoch_end`` only when someone implements it)
@@ -107,7 +109,7 @@ class Hooks:
         registers the user's module for its duration); a trace keeps going in the same file."""
         pm, tracer = self._pm, self._tracer
         # plugin, distribution and version of every plugin, once (file traces only: ~0.2 s)
-        plugins = plugin_info(pm) if self._file_trace is not None else {}
+        plugins = self._plugin_info = plugin_info(pm) if self._file_trace is not None else {}
         self._owners.clear()
         implemented = set()
         for name in hookspecs.HOOK_NAMES:
@@ -136,6 +138,58 @@ class Hooks:
         ``None`` without a file trace. Safe to call more than once: a second call rewrites the
         file only if hooks were called since (their spans are added, counted again)."""
         return self._file_trace.close() if self._file_trace is not None else None
+
+    def answers(self, name: str, **kwargs: Any) -> list[tuple[str, Any]]:
+        """Call an all-called hook and return ``(plugin name, answer)`` for every implementation
+        that answered, in pluggy's order: for setup hooks whose errors must name the plugin
+        (``model_transforms``). New-style wrappers (``wrapper=True``) run around the call as in
+        pluggy and see the answers as a list (what they return is not used); old-style
+        ``hookwrapper=True`` is refused there."""
+        hook: pluggy.HookCaller = getattr(self._pm.hook, name)
+        impls = list(reversed(hook.get_hookimpls()))  # pluggy's calling order
+        if self._tracer is None:
+            return self._answers(name, impls, kwargs)
+        if not impls:
+            self._tracer.unanswered(name)
+            return []
+        owners = [self._plugin_info.get(impl.plugin_name) or {"plugin": impl.plugin_name} for impl in impls]
+        owner: dict[str, Any] = {"plugin": ", ".join(o["plugin"] for o in owners)}
+        if self._plugin_info:
+            owner["plugins"] = owners
+        start = self._tracer.start()  # one span for the call, naming every implementation
+        try:
+            results = self._answers(name, impls, kwargs)
+        except BaseException as exc:
+            self._tracer.record(name, owner, f"raised {type(exc).__name__}", start)
+            raise
+        self._tracer.record(name, owner, "ran", start)
+        return results
+
+    def _answers(self, name: str, impls: list[pluggy.HookImpl], kwargs: dict[str, Any]) -> list[tuple[str, Any]]:
+        wrappers = []
+        for impl in impls:
+            if impl.hookwrapper:
+                raise PluginValidationError(
+                    f"Plugin {impl.plugin_name!r}: hook {name!r} cannot be an old-style hookwrapper; use "
+                    "@hookimpl(wrapper=True) or a plain implementation."
+                )
+            if impl.wrapper:
+                generator = cast(Generator[None, Any, Any], impl.function(*[kwargs[a] for a in impl.argnames]))
+                next(generator)  # up to its yield, as pluggy does
+                wrappers.append((impl, generator))
+        results = []
+        for impl in impls:
+            if not impl.wrapper:
+                result = impl.function(*[kwargs[a] for a in impl.argnames])
+                if result is not None:
+                    results.append((impl.plugin_name, result))
+        for impl, generator in reversed(wrappers):
+            try:
+                generator.send([answer for _, answer in results])
+            except StopIteration:
+                continue
+            raise PluginValidationError(f"Plugin {impl.plugin_name!r}: the wrapper of {name!r} yielded twice.")
+        return results
 
     def blame(self, exc: BaseException) -> tuple[str, str] | None:
         """The innermost (plugin, hook) implementation on ``exc``'s traceback, if any."""
@@ -175,6 +229,9 @@ class Hooks:
         def teardown_environment(self, *, trainer: Trainer) -> list[Any]: ...
 
         # 2. setup
+        def model_init_context(self, *, trainer: Trainer) -> list[Any]: ...
+        def model_transforms(self, *, trainer: Trainer, model: nn.Module) -> list[Any]: ...
+        def setup_optimizers(self, *, trainer: Trainer, optimizers: list[Optimizer]) -> list[Optimizer]: ...
         def on_after_setup_optimizers(self, *, trainer: Trainer) -> list[Any]: ...
         def connect_precision(
             self, *, trainer: Trainer, model: nn.Module, optimizers: list[Optimizer]
@@ -212,6 +269,13 @@ class Hooks:
         def on_validation_end(self, *, trainer: Trainer, metrics: dict[str, float]) -> list[Any]: ...
         def on_log_metrics(self, *, trainer: Trainer, metrics: dict[str, float], step: int) -> list[Any]: ...
         def collect_state(self, *, trainer: Trainer) -> list[Any]: ...
+        def get_state_dicts(
+            self, *, trainer: Trainer, model: nn.Module, optimizers: list[Optimizer]
+        ) -> tuple[dict[str, Any], list[dict[str, Any]]]: ...
+        def load_state_dicts(
+            self, *, trainer: Trainer, model: nn.Module, optimizers: list[Optimizer], state_dict: dict[str, Any],
+            optimizer_states: list[dict[str, Any]]
+        ) -> bool: ...
         def on_save_checkpoint(self, *, trainer: Trainer, checkpoint: dict[str, Any]) -> list[Any]: ...
         def on_load_checkpoint(self, *, trainer: Trainer, checkpoint: dict[str, Any]) -> list[Any]: ...
         def on_fit_end(self, *, trainer: Trainer, model: nn.Module) -> list[Any]: ...

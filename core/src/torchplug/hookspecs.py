@@ -3,7 +3,8 @@
 Hooks are grouped by the phase in which the core calls them, in calling order:
 
 1. launch and environment  (``launch`` … ``check_configuration`` … ``teardown_environment``)
-2. setup                   (``on_after_setup_optimizers``, ``connect_precision``, ``configure_apex``,
+2. setup                   (``model_init_context``, ``model_transforms``, ``setup_optimizers``,
+                            ``on_after_setup_optimizers``, ``connect_precision``, ``configure_apex``,
                             ``configure_ddp``, ``get_model_from_plugin``)
 3. step                    (``on_before_forward``, ``block_backward_sync``, ``forward_context``,
                             ``backward``, ``unscale_gradients``, ``clip_gradients``, ``optimizer_step``)
@@ -40,6 +41,7 @@ if TYPE_CHECKING:
     from torch.optim import Optimizer
 
     from torchplug.trainer import Trainer
+    from torchplug.transforms import ModelTransform
 
 hookspec = pluggy.HookspecMarker("torchplug")
 hookimpl = pluggy.HookimplMarker("torchplug")
@@ -160,6 +162,80 @@ def teardown_environment(trainer: Trainer) -> None:
 # --------------------------------------------------------------------------------------------
 # 2. Setup of model and optimizers, in this order
 # --------------------------------------------------------------------------------------------
+#
+# Each step has one owner, and each runs once the steps it depends on are final:
+#
+#   root_device → model_init_context, entered around the module's configure_model()
+#   → the module moved to the root device (unless it still holds meta tensors)
+#   → model_transforms, applied in their declared order (activation_checkpoint < compile < shard)
+#   → configure_optimizers() (the user's, on the final parameters) → setup_optimizers (strategy)
+#   → on_after_setup_optimizers → connect_precision (precision; configure_apex)
+#   → configure_ddp (the wrapper) → get_model_from_plugin
+
+
+@hookspec
+def model_init_context(trainer: Trainer) -> AbstractContextManager[Any] | None:
+    """A context manager the module's layers are created in (meta device, deferred init, a dtype).
+
+    :param trainer: the Trainer; ``trainer.world_size`` and ``trainer.global_rank`` are set.
+    :returns: a context manager, not entered, or ``None`` for none.
+
+    Convention: all called, once per process, after ``root_device``. The core enters the
+    returned contexts (the first answer outermost) around the module's optional
+    ``configure_model()`` (Lightning 2.x's name: create the layers there rather than in
+    ``__init__``); a ``configure_model`` that cannot be called without arguments is refused before
+    any work. The contexts are entered even when the module defines none. Then the module is
+    moved to the root device, unless it holds meta tensors: a plugin whose context creates
+    them materialises them in its model transform (``module.to_empty(device=...)``, then
+    ``reset_parameters()``).
+
+    Example::
+
+        @hookimpl
+        def model_init_context(trainer):
+            return torch.device("meta")
+    """
+
+
+@hookspec
+def model_transforms(trainer: Trainer, model: nn.Module) -> ModelTransform | Sequence[ModelTransform] | None:
+    """Declare how this plugin changes the module before its optimizers exist.
+
+    :param trainer: the Trainer.
+    :param model: the user's module, on its root device, after ``configure_model()``.
+    :returns: a :class:`torchplug.ModelTransform` (``name``, ``apply``, ``before``, ``after``),
+        a list of them, or ``None``.
+
+    Convention: all called, once per process, before ``configure_optimizers``. The core
+    orders every plugin's transforms by their ``before``/``after`` names and, between the
+    well-known names, by ``torchplug.transforms.DEFAULT_ORDER`` (``"activation_checkpoint"`` <
+    ``"compile"`` < ``"shard"``); a cycle, a name declared twice or two transforms nothing
+    orders is a :class:`torchplug.PluginConflictError` naming them and their plugins, raised
+    before any transform runs. It then calls each ``apply(module)``, which changes the module
+    IN PLACE; the applied order is ``trainer.model_transforms`` (``[(name, plugin), ...]``).
+
+    Example::
+
+        @hookimpl
+        def model_transforms():
+            return ModelTransform("compile", lambda module: module.compile(backend="inductor"))
+    """
+
+
+@hookspec(firstresult=True)
+def setup_optimizers(trainer: Trainer, optimizers: list[Optimizer]) -> list[Optimizer] | None:
+    """Replace or wrap the optimizers a strategy needs in its own form (ZeRO's sharded optimizer).
+
+    :param trainer: the Trainer.
+    :param optimizers: what ``configure_optimizers`` returned, built on the final (transformed,
+        sharded) parameters.
+    :returns: the optimizers to train with, one per given optimizer, or ``None`` to defer.
+        Default: unchanged.
+
+    Convention: firstresult, once per process, right after ``configure_optimizers`` and before
+    ``on_after_setup_optimizers``. The core re-binds the LR schedulers to returned optimizers
+    that are new objects (as after ``connect_precision``).
+    """
 
 
 @hookspec
@@ -168,7 +244,8 @@ def on_after_setup_optimizers(trainer: Trainer) -> None:
 
     :param trainer: the Trainer; ``trainer.optimizers`` and ``trainer.lr_schedulers`` are set.
 
-    Convention: all called, in every launch mode (in-process, spawned workers, torchrun).
+    Convention: all called, in every launch mode (in-process, spawned workers, torchrun),
+    after ``setup_optimizers``.
     """
 
 
@@ -547,6 +624,47 @@ def collect_state(trainer: Trainer) -> None:
     (``ZeroRedundancyOptimizer.consolidate_state_dict(to=0)``), a sharded model gathers its full
     state dict. ``on_save_checkpoint`` (rank 0) then reads what was gathered, and
     ``on_fit_end`` runs after the gather of the final weights.
+    """
+
+
+@hookspec(firstresult=True)
+def get_state_dicts(
+    trainer: Trainer, model: nn.Module, optimizers: list[Optimizer]
+) -> tuple[dict[str, Any], list[dict[str, Any]]] | None:
+    """The full state dicts of the module and the optimizers, as a checkpoint stores them.
+
+    :param trainer: the Trainer.
+    :param model: the user's module (sharded or not).
+    :param optimizers: the optimizers of the run.
+    :returns: ``(model_state_dict, [optimizer_state_dict, ...])``, plain CPU or device tensors
+        under the module's own keys (no wrapper prefixes), or ``None`` to defer. Default:
+        ``model.state_dict()`` and each ``optimizer.state_dict()``.
+
+    Convention: firstresult, on global rank 0 only, after ``collect_state`` ran on every
+    process: it may not run collectives. A sharded strategy returns what it gathered there
+    (``get_model_state_dict(..., full_state_dict=True)``). The same answer is what a fit in
+    worker processes hands back to the model given to ``fit``.
+    """
+
+
+@hookspec(firstresult=True)
+def load_state_dicts(
+    trainer: Trainer, model: nn.Module, optimizers: list[Optimizer], state_dict: dict[str, Any],
+    optimizer_states: list[dict[str, Any]]
+) -> bool | None:
+    """Load full state dicts (what ``get_state_dicts`` returned) into the module and optimizers.
+
+    :param trainer: the Trainer.
+    :param model: the user's module, set up (transformed, sharded) as it will train.
+    :param optimizers: the optimizers, after ``connect_precision``.
+    :param state_dict: the module's full state dict from the checkpoint.
+    :param optimizer_states: one full optimizer state dict per optimizer.
+    :returns: ``True`` once loaded, or ``None`` to defer. Default: ``model.load_state_dict``
+        and each ``optimizer.load_state_dict``.
+
+    Convention: firstresult, on EVERY process when a fit resumes, before ``on_load_checkpoint``;
+    it may run collectives (a sharded module keeps its shard of each full tensor). A mismatch
+    raises; the core reports it as a :class:`torchplug.CheckpointError`.
     """
 
 

@@ -23,8 +23,9 @@ step happens. An epoch is a sequence of accumulation windows (:mod:`torchplug.da
           → on_validation_batch_end
         → validation_epoch_end(outputs) → on_validation_epoch_end → reduce → on_validation_end → on_log_metrics
     → LR schedulers (interval "epoch") → [should_stop reduced across ranks]
-    → last.ckpt (collect_state → on_save_checkpoint)
-    after the last epoch: on_train_end → on_fit_end
+    → last.ckpt (collect_state on every rank → get_state_dicts → on_save_checkpoint)
+    after the last epoch: [a launched copy: collect_state → get_state_dicts, the weights handed back]
+        → on_train_end → on_fit_end
 
 The user's module implements these hooks like any plugin and runs after the plugins
 (:mod:`torchplug.modulehooks`).
@@ -93,6 +94,8 @@ class FitLoop:
         self._saved_at: tuple[int, int, int] | None = None
         #: what this epoch's training steps returned, while someone implements training_epoch_end
         self.epoch_outputs: list[Any] | None = None
+        #: rank 0's trained weights (``get_state_dicts``), for a fit in worker processes
+        self.final_weights: dict[str, Any] | None = None
         self._training_step: Callable[..., Any] = cast(StepModule, self.module).training_step
         module = self.module
         self.manual = not getattr(module, "automatic_optimization", True)
@@ -289,6 +292,12 @@ class FitLoop:
         self.log_train()
         self.outputs.progress.close()
         self.checkpoint()
+        if self.trainer.launched_copy:  # the weights go back to the process that called fit
+            if self._saved_at != (self.state.epoch, self.state.batch_in_epoch, self.state.global_step):
+                self.hooks.collect_state(trainer=self.trainer)  # every rank; checkpoint() did not
+            if self.trainer.is_global_zero:
+                self.final_weights, _ = self.hooks.get_state_dicts(trainer=self.trainer, model=self.module,
+                                                                   optimizers=self.optimizers)
         self.hooks.on_train_end(trainer=self.trainer)
         self.hooks.on_fit_end(trainer=self.trainer, model=self.module)
 
@@ -417,11 +426,14 @@ class FitLoop:
         self.checkpoint()
 
     def checkpoint_dict(self) -> dict[str, Any]:
+        """Rank 0's checkpoint, after ``collect_state`` ran on every process."""
+        weights, optimizer_states = self.hooks.get_state_dicts(trainer=self.trainer, model=self.module,
+                                                               optimizers=self.optimizers)
         checkpoint: dict[str, Any] = {
             "torchplug_checkpoint": ckpt.FORMAT_VERSION,
             "torchplug_version": __version__,
             **self.state.to_checkpoint(),
-            **training_state(self.module, self.optimizers, self.schedulers),
+            **training_state(weights, optimizer_states, self.schedulers),
             "rng_states": self.batches.rng_snapshot(),
             "plugins": self.trainer.plugin_names,
             # provenance: compared with the resuming run's plan (torchplug.provenance)

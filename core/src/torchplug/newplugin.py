@@ -32,7 +32,7 @@ SUFFIX = ".tmpl"
 _PLACEHOLDER = re.compile(r"\{\{(\w+)\}\}")
 _NAME = re.compile(r"[a-z][a-z0-9]*(_[a-z0-9]+)*")
 #: Names taken by the first-party plugins (their distributions would clash).
-RESERVED = ("ddp", "native_amp", "apex")
+RESERVED = ("ddp", "native_amp", "apex", "fsdp", "ddp_zero", "compile")
 
 
 class TemplateError(ValueError):

@@ -5,6 +5,7 @@ module or data the loop cannot train is refused before any work.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol, cast
 
@@ -12,6 +13,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler, RandomSampler
 
+from torchplug import transforms
 from torchplug.errors import MisconfigurationError
 from torchplug.module import MetricStore, TrainingModule
 from torchplug.state import SchedulerConfig
@@ -94,14 +96,20 @@ def attach_metrics(module: nn.Module, store: MetricStore | None) -> None:
 
 
 def unwrap(found: Any, wrapper: nn.Module, module: nn.Module) -> nn.Module:
-    """The user's module behind ``configure_ddp``'s wrapper: ``get_model_from_plugin``'s answer
-    (through a ``TrainingStepModule``), or the module that was wrapped when it has none."""
-    while isinstance(found, TrainingStepModule):
-        found = found.module
+    """The user's module behind ``configure_ddp``'s wrapper: ``get_model_from_plugin``'s answer,
+    through any stack of ``TrainingStepModule`` and ``torch.compile`` (``OptimizedModule``,
+    ``_orig_mod``) layers, so checkpoints carry no wrapper prefix; the module that was wrapped
+    when there is no other answer."""
+    while True:
+        if isinstance(found, TrainingStepModule):
+            found = found.module
+        elif isinstance(found, nn.Module) and isinstance(getattr(found, "_orig_mod", None), nn.Module):
+            found = found._orig_mod
+        else:
+            break
     if isinstance(found, nn.Module) and found is not wrapper:
         return found
     return module
-
 
 
 def configure_optimizers(module: nn.Module) -> tuple[list[torch.optim.Optimizer], list[SchedulerConfig]]:
@@ -160,13 +168,31 @@ def configure_optimizers(module: nn.Module) -> tuple[list[torch.optim.Optimizer]
 
 def rebind_schedulers(schedulers: list[SchedulerConfig], old: list[torch.optim.Optimizer],
                       new: list[torch.optim.Optimizer]) -> None:
-    """apex's initialize may return new optimizer objects; schedulers must follow them."""
+    """setup_optimizers (ZeRO) and apex's initialize may return new optimizer objects; schedulers
+    must follow them."""
     mapping = {id(o): n for o, n in zip(old, new) if o is not n}
     for entry in schedulers:
         sched = entry.scheduler
         opt = getattr(sched, "optimizer", None)
         if opt is not None and id(opt) in mapping:
             sched.optimizer = mapping[id(opt)]
+            _track_steps(sched.optimizer)
+
+
+def _track_steps(optimizer: torch.optim.Optimizer) -> None:
+    """Mark ``optimizer.step`` the way an LR scheduler marks its optimizer's at construction, so
+    the re-bound scheduler does not warn that step() "has been overridden" on every fit."""
+    step = optimizer.step
+    if hasattr(step, "_wrapped_by_lr_sched"):
+        return
+
+    @functools.wraps(step)
+    def tracked(*args: Any, **kwargs: Any) -> Any:
+        optimizer._opt_called = True  # type: ignore[attr-defined]
+        return step(*args, **kwargs)
+
+    tracked._wrapped_by_lr_sched = True  # type: ignore[attr-defined]
+    optimizer.step = tracked  # type: ignore[method-assign]
 
 
 def distributed_loader(loader: Any, trainer: Trainer, shuffle_default: bool) -> Any:
@@ -212,15 +238,37 @@ class Prepared:
 
 def prepare(trainer: Trainer, module: nn.Module, train_loader: Any, val_loader: Any,
             metrics: MetricStore) -> Prepared:
-    """Device, optimizers, precision, wrapper and sharded loaders, in the documented order:
-    ``root_device`` → ``configure_optimizers`` → ``on_after_setup_optimizers`` →
-    ``connect_precision`` → ``configure_ddp`` (→ ``get_model_from_plugin``)."""
+    """Device, model init and transforms, optimizers, precision, wrapper and sharded loaders,
+    each step once the ones it depends on are final (hookspecs.py, phase 2): ``root_device`` →
+    ``model_init_context`` around ``configure_model()`` → the module to its device →
+    ``model_transforms`` in their declared order → ``configure_optimizers`` →
+    ``setup_optimizers`` → ``on_after_setup_optimizers`` → ``connect_precision`` →
+    ``configure_ddp`` (→ ``get_model_from_plugin``)."""
     hooks = trainer.hooks
     device = hooks.root_device(trainer=trainer, model=module)
-    module.to(device)
+    transforms.configure_model(trainer, module)
+    if not transforms.has_meta_tensors(module):  # else a transform materialises them
+        module.to(device)
+    declared = transforms.collect(hooks.answers("model_transforms", trainer=trainer, model=module))
+    ordered = transforms.order(declared)  # refused before any transform runs
+    transforms.apply(ordered, module)
+    trainer.model_transforms = [(item.transform.name, item.plugin) for item in ordered]
+    if transforms.has_meta_tensors(module):
+        raise MisconfigurationError(
+            f"{type(module).__name__} still has meta-device parameters or buffers after the model transforms "
+            f"({', '.join(n for n, _ in trainer.model_transforms) or 'none'}): the plugin whose model_init_context "
+            "created them must materialise them in a model transform (module.to_empty(device=...))."
+        )
     attach_metrics(module, metrics)
     optimizers, schedulers = configure_optimizers(module)
-    trainer.optimizers = optimizers
+    replaced = list(hooks.setup_optimizers(trainer=trainer, optimizers=optimizers))
+    if len(replaced) != len(optimizers):
+        raise MisconfigurationError(
+            f"setup_optimizers returned {len(replaced)} optimizers for the {len(optimizers)} that "
+            "configure_optimizers() made; return one per optimizer, in order."
+        )
+    rebind_schedulers(schedulers, optimizers, replaced)
+    optimizers = trainer.optimizers = replaced
     trainer.lr_schedulers = [s.scheduler for s in schedulers]
     trainer.lr_scheduler_configs = schedulers
     hooks.on_after_setup_optimizers(trainer=trainer)

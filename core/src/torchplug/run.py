@@ -4,8 +4,9 @@
 worker, a torchrun rank)::
 
     setup_environment → world_size/global_rank → [all_gather_object: the plan handshake, with
-    several processes] → setup("fit") → prepare (root_device … configure_ddp)
-    → the run folder → [on_load_checkpoint when resuming] → FitLoop.train
+    several processes] → setup("fit") → prepare (root_device → model_init_context
+    → model_transforms → setup_optimizers … configure_ddp) → the run folder
+    → [load_state_dicts → on_load_checkpoint when resuming] → FitLoop.train
     on KeyboardInterrupt: last.ckpt of the last completed step → on_exception → re-raise
     on an error: a note saying where it happened → on_exception → the outputs closed (an
         empty run folder removed) → re-raised, as PluginHookError when a plugin raised it
@@ -122,6 +123,7 @@ class FitRun:
             callback_metrics=dict(self.state.callback_metrics),
             log_dir=str(outputs.log_dir) if outputs is not None and outputs.log_dir else None,
             checkpoint_path=str(outputs.last_checkpoint) if outputs is not None and outputs.last_checkpoint else None,
+            state_dict=self.loop.final_weights if self.loop is not None else None,
             extra={"seconds": time.perf_counter() - start, "skipped_steps": self.state.skipped_steps,
                    "logged_metrics": dict(self.state.logged_metrics), "should_stop": self.state.should_stop},
         )
@@ -153,7 +155,13 @@ class FitRun:
         if self.resume is not None:
             if rank_zero:
                 check_resume_world_size(self.resume, trainer.world_size)
-            load_training_state(self.resume, loop.module, loop.optimizers, loop.schedulers)
+            module, optimizers = loop.module, loop.optimizers
+
+            def load(weights: dict[str, Any], states: list[dict[str, Any]]) -> None:
+                hooks.load_state_dicts(trainer=trainer, model=module, optimizers=optimizers, state_dict=weights,
+                                       optimizer_states=states)
+
+            load_training_state(self.resume, optimizers, loop.schedulers, load)
             self.state.restore(self.resume)
             loop.batches.rng_restore(self.resume["rng_states"])
             hooks.on_load_checkpoint(trainer=trainer, checkpoint=self.resume)

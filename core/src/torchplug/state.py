@@ -8,11 +8,10 @@ steps (windows), including steps a precision plugin skipped; ``epoch`` counts co
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from torch import nn
 from torch.optim import Optimizer
 
 from torchplug.errors import CheckpointError
@@ -85,28 +84,28 @@ class SchedulerConfig:
     monitor: str | None = None
 
 
-def training_state(module: nn.Module, optimizers: list[Optimizer], schedulers: list[SchedulerConfig]
-                   ) -> dict[str, Any]:
-    """Weights, optimizer and scheduler states, as a checkpoint stores them."""
+def training_state(state_dict: dict[str, Any], optimizer_states: list[dict[str, Any]],
+                   schedulers: list[SchedulerConfig]) -> dict[str, Any]:
+    """Weights, optimizer and scheduler states, as a checkpoint stores them (the first two from
+    the ``get_state_dicts`` hook)."""
     return {
-        "state_dict": module.state_dict(),
-        "optimizer_states": [opt.state_dict() for opt in optimizers],
+        "state_dict": state_dict,
+        "optimizer_states": optimizer_states,
         "lr_schedulers": [s.scheduler.state_dict() for s in schedulers],
     }
 
 
-def load_training_state(data: Mapping[str, Any], module: nn.Module, optimizers: list[Optimizer],
-                        schedulers: list[SchedulerConfig]) -> None:
-    """Load what :func:`training_state` saved; a mismatch is a :class:`CheckpointError`."""
+def load_training_state(data: Mapping[str, Any], optimizers: list[Optimizer], schedulers: list[SchedulerConfig],
+                        load: Callable[[dict[str, Any], list[dict[str, Any]]], Any]) -> None:
+    """Load what :func:`training_state` saved, the weights and optimizer states through ``load``
+    (the ``load_state_dicts`` hook); a mismatch is a :class:`CheckpointError`."""
     try:
-        module.load_state_dict(data["state_dict"])
         if len(data["optimizer_states"]) != len(optimizers):
             raise CheckpointError(
                 f"The checkpoint has {len(data['optimizer_states'])} optimizer states, "
                 f"configure_optimizers() made {len(optimizers)}."
             )
-        for opt, state in zip(optimizers, data["optimizer_states"]):
-            opt.load_state_dict(state)
+        load(data["state_dict"], list(data["optimizer_states"]))
         saved = data.get("lr_schedulers", [])
         if len(saved) != len(schedulers):
             raise CheckpointError(

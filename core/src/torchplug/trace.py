@@ -47,6 +47,7 @@ trace_logger = logging.getLogger("torchplug.trace")
 #: The ``torch.distributed`` functions a file trace counts (those that exist in this torch).
 COLLECTIVES = (
     "all_reduce", "all_gather", "all_gather_into_tensor", "reduce_scatter_tensor", "broadcast",
+    "all_gather_single", "reduce_scatter_single",  # what FSDP2 issues (torch 2.13)
     "broadcast_object_list", "all_gather_object", "barrier", "monitored_barrier", "reduce", "scatter", "gather",
 )
 

@@ -204,6 +204,8 @@ class Trainer(PluginFacingTrainer):
         self.checkpoint_path: str | None = None
         self.optimizers: list[torch.optim.Optimizer] = []
         self.lr_schedulers: list[Any] = []
+        #: the model transforms applied in the last setup, in order: ``[(name, plugin), ...]``
+        self.model_transforms: list[tuple[str, str]] = []
         self.model: nn.Module | None = None
         self.val_dataloaders: Any = None
         self.lr_scheduler_configs: list[SchedulerConfig] = []
@@ -328,8 +330,8 @@ class Trainer(PluginFacingTrainer):
         try:
             with registered(self, model):
                 outcome = FitRun(self, model, train_loader, val_loader, resume).run()
-            if self.launched_copy and self.is_global_zero:
-                outcome.state_dict = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+            if outcome.state_dict is not None:  # rank 0 of a launched copy (get_state_dicts)
+                outcome.state_dict = {k: v.detach().cpu() for k, v in outcome.state_dict.items()}
         finally:
             if self.launched_copy:  # spawned workers skip interpreter teardown: write the trace now
                 self.hooks.close_trace()

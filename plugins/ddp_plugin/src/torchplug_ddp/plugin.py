@@ -15,6 +15,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
+from torch.optim import Optimizer
 
 from torchplug import MisconfigurationError, Plugin, TrainingStepModule, hookimpl
 from torchplug.plugin import Role
@@ -41,6 +42,10 @@ class DDPPlugin(Plugin):
     :param process_group: the group gradients are averaged over, when one is already
         initialised (default: the world).
     :param start_method: how ``devices=N`` workers are started: ``"spawn"`` or ``"forkserver"``.
+    :param zero_redundancy: ZeRO-1: each optimizer becomes a
+        ``torch.distributed.optim.ZeroRedundancyOptimizer`` of the same class and settings, so each
+        rank holds the optimizer state of its shard of the parameters only (strategy name
+        ``ddp_zero``); checkpoints consolidate the full state on rank 0 (``collect_state``).
     :param ddp_kwargs: passed to ``DistributedDataParallel`` (``find_unused_parameters`` is
         False unless given; ``static_graph=True`` is refused with gradient accumulation).
 
@@ -62,8 +67,11 @@ class DDPPlugin(Plugin):
     role: ClassVar[Role | None] = "strategy"
 
     def __init__(self, *, timeout: float = 120.0, backend: str | None = None, process_group: Any = None,
-                 start_method: str = "spawn", **ddp_kwargs: Any) -> None:
+                 start_method: str = "spawn", zero_redundancy: bool = False, **ddp_kwargs: Any) -> None:
         name = type(self).__name__
+        if not isinstance(zero_redundancy, bool):
+            raise MisconfigurationError(f"{name}(zero_redundancy=...) must be True or False, got {zero_redundancy!r}")
+        self.zero_redundancy = zero_redundancy
         if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not timeout > 0:
             raise MisconfigurationError(f"{name}(timeout=...) must be a positive number of seconds, got {timeout!r}")
         if start_method not in multiprocessing.get_all_start_methods() or start_method == "fork":
@@ -98,6 +106,8 @@ class DDPPlugin(Plugin):
         args = [f"timeout={self.timeout:g}"] + [f"{k}={v!r}" for k, v in self.ddp_kwargs.items()]
         if self.backend is not None:
             args.insert(1, f"backend={self.backend!r}")
+        if self.zero_redundancy:
+            args.insert(1, "zero_redundancy=True")
         return f"{type(self).__name__}({', '.join(args)})"
 
     def __getstate__(self) -> dict[str, Any]:
@@ -249,6 +259,15 @@ class DDPPlugin(Plugin):
 
     # -- 2. setup -----------------------------------------------------------------------------
 
+    def setup_optimizers(self, optimizers: list[Optimizer]) -> list[Optimizer] | None:
+        if not self.zero_redundancy or self._world_size <= 1:
+            return None
+        from torch.distributed.optim import ZeroRedundancyOptimizer
+
+        return [ZeroRedundancyOptimizer([dict(group) for group in opt.param_groups], optimizer_class=type(opt),
+                                        process_group=self.process_group, **opt.defaults)
+                for opt in optimizers]
+
     def on_after_setup_optimizers(self, trainer: Trainer) -> None:
         """Called in every process once the optimizers exist (Lightning 1.1's hook); override it."""
 
@@ -276,6 +295,15 @@ class DDPPlugin(Plugin):
         if isinstance(model, DistributedDataParallel):
             return model.no_sync()
         return nullcontext()
+
+    # -- checkpoints -------------------------------------------------------------------------
+
+    def collect_state(self, trainer: Trainer) -> None:
+        from torch.distributed.optim import ZeroRedundancyOptimizer
+
+        for optimizer in trainer.optimizers:
+            if isinstance(optimizer, ZeroRedundancyOptimizer):
+                optimizer.consolidate_state_dict(to=0)  # every rank sends its shard's state to rank 0
 
     # -- 4. collectives -----------------------------------------------------------------------
 
@@ -324,6 +352,14 @@ class DDPPlugin(Plugin):
         if op == "mean":
             result /= self._world_size
         return result
+
+
+class DDPZeroPlugin(DDPPlugin):
+    """``DDPPlugin(zero_redundancy=True)``: DDP with ZeRO-1 sharded optimizer state (entry point ``ddp_zero``)."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        kwargs.setdefault("zero_redundancy", True)
+        super().__init__(**kwargs)
 
 
 def _launcher_env() -> bool:

@@ -26,7 +26,7 @@ from torch import nn
 
 from torchplug.hookspecs import hookimpl
 from torchplug.plugin import Plugin
-from torchplug.testing.models import TinyMLP, parameters_vector, tiny_loader
+from torchplug.testing.models import TinyMLP, tiny_loader
 from torchplug.testing.recorder import HookRecorder
 from torchplug.trainer import Trainer
 
@@ -35,7 +35,7 @@ PROCESS_TIMEOUT_S = 180.0
 #: Process-group timeout inside those runs: a lost peer fails fast instead of hanging.
 PG_TIMEOUT_S = 60.0
 #: Hooks only global rank 0 calls (it alone writes checkpoints and metrics rows).
-RANK_ZERO_ONLY = frozenset({"on_save_checkpoint", "on_log_metrics"})
+RANK_ZERO_ONLY = frozenset({"on_save_checkpoint", "get_state_dicts", "on_log_metrics"})
 #: Hooks of the launching process and of Trainer construction, not of one process's fit.
 LAUNCHER_ONLY = frozenset({"launch", "check_configuration"})
 
@@ -182,6 +182,9 @@ class _SyncProbe(Plugin):
         self._reduced: Counter[int] = Counter()
         self._batches: list[dict[str, Any]] = []
         self._windows: list[dict[str, Any]] = []
+        self._collectives = 0
+        self._restore: dict[str, Any] = {}
+        self._optimizer_params: dict[str, Any] = {}
 
     def __getstate__(self) -> dict[str, Any]:
         return {"out_dir": self.out_dir}
@@ -191,6 +194,22 @@ class _SyncProbe(Plugin):
 
     def on_fit_start(self, trainer: Any, model: nn.Module) -> None:
         self._trainer, self._module = trainer, model
+        held = {id(p) for opt in trainer.optimizers for group in opt.param_groups for p in group["params"]}
+        trained = [name for name, p in model.named_parameters() if p.requires_grad and id(p) not in held]
+        self._optimizer_params = {"missing": trained, "optimizers": len(trainer.optimizers)}
+        # Gradient collectives issued from Python (FSDP2's reduce-scatter, a strategy's own
+        # all-reduce), counted per micro-batch: DDP's own go through its comm hook below.
+        for name in _GRADIENT_COLLECTIVES:
+            original = getattr(dist, name, None)
+            if original is None:
+                continue
+            self._restore[name] = original
+
+            def counted(*args: Any, _original: Any = original, **kwargs: Any) -> Any:
+                self._collectives += 1
+                return _original(*args, **kwargs)
+
+            setattr(dist, name, counted)
 
     @hookimpl(tryfirst=True)
     def on_before_forward(self, model: nn.Module, args: tuple[Any, ...]) -> None:
@@ -226,7 +245,9 @@ class _SyncProbe(Plugin):
         entry: dict[str, Any] = {
             "batch_idx": batch_idx, "window_end": window_end,
             "params_reduced": len(reduced), "max_reductions": max(reduced.values(), default=0),
+            "collectives": self._collectives,
         }
+        self._collectives = 0
         if not window_end:  # gradients are still there: compare them across ranks
             entry["grad_spread"] = self._spread()
         self._batches.append(entry)
@@ -239,8 +260,16 @@ class _SyncProbe(Plugin):
         """Max absolute difference of the gradients between ranks (None on one process)."""
         if self._module is None or not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() < 2:
             return None
-        grads = [(p.grad if p.grad is not None else torch.zeros_like(p)).detach().float().flatten()
-                 for p in self._module.parameters() if p.requires_grad]
+        grads = []
+        for p in self._module.parameters():
+            if not p.requires_grad:
+                continue
+            if _is_dtensor(p):
+                if p.grad is None:
+                    return None  # sharded and not reduced yet (FSDP2 keeps unsharded grads inside no-sync)
+                grads.append(_full(p.grad).detach().float().flatten())
+            else:
+                grads.append((p.grad if p.grad is not None else torch.zeros_like(p)).detach().float().flatten())
         flat = torch.cat(grads)
         if dist.get_backend() != "nccl":
             flat = flat.cpu()
@@ -249,6 +278,9 @@ class _SyncProbe(Plugin):
         return max(float((g - gathered[0]).abs().max()) for g in gathered[1:])
 
     def on_fit_end(self, trainer: Any, model: nn.Module) -> None:
+        for name, original in self._restore.items():
+            setattr(dist, name, original)
+        self._restore.clear()
         initialised = dist.is_available() and dist.is_initialized()
         rank = dist.get_rank() if initialised else trainer.global_rank
         # what the plan handshake relies on: every rank's object, in rank order (a collective: all ranks run it)
@@ -261,11 +293,32 @@ class _SyncProbe(Plugin):
             "wrapped": self._wrapped, "roundtrip": self._roundtrip, "ddp_found": self._ddp_found,
             "comm_hook_error": self._comm_hook_error,
             "n_params": sum(1 for p in model.parameters() if p.requires_grad),
-            "batches": self._batches, "windows": self._windows,
-            "params": parameters_vector(model).tolist(),
+            "batches": self._batches, "windows": self._windows, "optimizer_params": self._optimizer_params,
+            "params": _full_vector(model).tolist(),
         }
         self.out_dir.mkdir(parents=True, exist_ok=True)
         (self.out_dir / f"probe-{os.getpid()}.json").write_text(json.dumps(report), encoding="utf-8")
+
+
+#: The torch.distributed functions through which a strategy reduces gradients from Python.
+_GRADIENT_COLLECTIVES = ("all_reduce", "reduce_scatter_tensor", "reduce_scatter_single")
+
+
+def _is_dtensor(tensor: Any) -> bool:
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # a torch without DTensor: nothing is sharded
+        return False
+    return isinstance(tensor, DTensor)
+
+
+def _full_vector(module: nn.Module) -> torch.Tensor:
+    """The parameters as one float64 CPU vector, sharded ones gathered (a collective on every rank)."""
+    return torch.cat([_full(p).detach().to("cpu", torch.float64).flatten() for p in module.parameters()])
+
+
+def _full(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor.full_tensor() if _is_dtensor(tensor) else tensor  # type: ignore[attr-defined]
 
 
 def _read_probes(out_dir: Path) -> list[dict[str, Any]]:

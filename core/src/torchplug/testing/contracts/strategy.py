@@ -107,6 +107,12 @@ class StrategyPluginContract(PluginContract):
                             f"window, so run inside block_backward_sync) all-reduced the gradients of "
                             f"{batch['params_reduced']} parameters through DDP. Return model.no_sync() from "
                             "block_backward_sync without entering it: the core enters it around forward AND backward.")
+                if batch.get("collectives"):
+                    _broken(contract, plugin,
+                            f"rank {probe['rank']}: micro-batch {batch['batch_idx']} (not the last of its accumulation "
+                            f"window, so run inside block_backward_sync) issued {batch['collectives']} gradient "
+                            "collective(s) (all_reduce / reduce_scatter): the context must stop gradient sync "
+                            "(DDP no_sync(), FSDP2 set_requires_gradient_sync(False)).")
                 if batch["grad_spread"] is not None and batch["grad_spread"] <= 1e-7:
                     _broken(contract, plugin,
                             f"rank {probe['rank']}: after micro-batch {batch['batch_idx']} inside block_backward_sync "
@@ -147,6 +153,18 @@ class StrategyPluginContract(PluginContract):
                         plugin, f"rank {probe['rank']} got {probe['gathered']!r}, expected {expected!r}: implement "
                         "all_gather_object with torch.distributed.all_gather_object on the plugin's group")
 
+    @_timeout(300)
+    def test_optimizers_hold_the_parameters_that_train(self, preinitialised_run: dict[str, Any]) -> None:
+        plugin = preinitialised_run["plugin"]
+        for probe in preinitialised_run["probes"]:
+            missing = probe["optimizer_params"].get("missing")
+            if missing:
+                _broken("the optimizers update the parameters the model trains with", plugin,
+                        f"rank {probe['rank']}: at on_fit_start no optimizer holds {', '.join(missing)}: they were "
+                        "replaced after the optimizers were built (e.g. sharded in configure_ddp). Change the module "
+                        "in a model transform (the model_transforms hook), which runs before configure_optimizers.")
+
+    @_timeout(300)
     def test_get_model_from_plugin_round_trips(self, preinitialised_run: dict[str, Any]) -> None:
         plugin = preinitialised_run["plugin"]
         for probe in preinitialised_run["probes"]:
