@@ -15,10 +15,16 @@ from torchplug import discovery, hookspecs
 from torchplug.errors import PluginValidationError
 from torchplug.plugin import Plugin
 
+#: Method names a plugin may have that are one edit from a hook but are no typo: the state
+#: protocol of torch objects and Lightning callbacks (``state_dict`` ~ hook ``get_state_dicts``).
+NOT_TYPOS = frozenset({"state_dict", "load_state_dict"})
+
 
 def near_miss(name: str) -> bool:
     """A public method name that is almost a hook name (a typo), or an ``on_*`` event name
     that torchplug does not have (Lightning habits such as ``on_train_batch_start``)."""
+    if name in NOT_TYPOS:
+        return False
     if name.startswith("on_"):
         return True
     limit = 1 if len(name) <= 8 else 2

@@ -15,6 +15,7 @@ import torch
 from zero_support import AdamMLP, StateBytes, state_bytes
 
 from torchplug import Trainer
+from torchplug.errors import PlanChangedWarning
 from torchplug.testing.models import parameters_vector, tiny_loader
 from torchplug_ddp import DDPPlugin, DDPZeroPlugin
 
@@ -32,7 +33,11 @@ def quiet(root: Path, **kwargs: Any) -> dict[str, Any]:
 def single(root: Path, epochs: int, accumulate: int, ckpt_path: str | None = None) -> tuple[AdamMLP, Trainer]:
     model = AdamMLP()
     trainer = Trainer(**quiet(root, max_epochs=epochs, accumulate_grad_batches=accumulate))
-    trainer.fit(model, tiny_loader(n=N, batch_size=2 * MICRO), ckpt_path=ckpt_path)
+    if ckpt_path is None:
+        trainer.fit(model, tiny_loader(n=N, batch_size=2 * MICRO))
+    else:  # a checkpoint of the 2-rank strategy resumed in one process: another plan, which warns
+        with pytest.warns(PlanChangedWarning):
+            trainer.fit(model, tiny_loader(n=N, batch_size=2 * MICRO), ckpt_path=ckpt_path)
     return model, trainer
 
 
@@ -45,8 +50,10 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     trainer_a.fit(accumulated, tiny_loader(n=N, batch_size=MICRO))
     _, one = single(out / "b1", epochs=1, accumulate=1)
     resumed = AdamMLP()
-    Trainer(**quiet(out / "b2", devices=2, max_epochs=2, plugins=[DDPPlugin(timeout=60, zero_redundancy=True)])).fit(
-        resumed, tiny_loader(n=N, batch_size=MICRO), ckpt_path=one.checkpoint_path)
+    zero = DDPPlugin(timeout=60, zero_redundancy=True)
+    with pytest.warns(PlanChangedWarning):  # 1 rank -> 2: another plan
+        Trainer(**quiet(out / "b2", devices=2, max_epochs=2, plugins=[zero])).fit(
+            resumed, tiny_loader(n=N, batch_size=MICRO), ckpt_path=one.checkpoint_path)
     states = [json.loads((out / f"state-rank{r}.json").read_text()) for r in range(2)]
     return {"accumulated": accumulated, "trainer_a": trainer_a, "resumed": resumed, "states": states, "one": one}
 

@@ -17,6 +17,7 @@ from fsdp_support import CollectiveCounter
 from torchplug_fsdp import FSDPPlugin
 
 from torchplug import MisconfigurationError, Trainer
+from torchplug.errors import PlanChangedWarning
 from torchplug.testing.models import TinyMLP, parameters_vector, tiny_loader
 
 N, MICRO, CLIP = 64, 4, 0.1  # 64 samples: 8 micro-batches of 4 per rank, 8 of 8 in one process
@@ -33,7 +34,11 @@ def quiet(root: Path, **kwargs: Any) -> dict[str, Any]:
 def single(root: Path, epochs: int, accumulate: int, ckpt_path: str | None = None) -> tuple[TinyMLP, Trainer]:
     model = TinyMLP()
     trainer = Trainer(**quiet(root, max_epochs=epochs, accumulate_grad_batches=accumulate))
-    trainer.fit(model, tiny_loader(n=N, batch_size=2 * MICRO), ckpt_path=ckpt_path)
+    if ckpt_path is None:
+        trainer.fit(model, tiny_loader(n=N, batch_size=2 * MICRO))
+    else:  # a checkpoint of the 2-rank strategy resumed in one process: another plan, which warns
+        with pytest.warns(PlanChangedWarning):
+            trainer.fit(model, tiny_loader(n=N, batch_size=2 * MICRO), ckpt_path=ckpt_path)
     return model, trainer
 
 
@@ -48,8 +53,9 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     # B: a one-process checkpoint (epoch 1, no accumulation) resumed on 2 FSDP ranks for epoch 2.
     _, one = single(out / "b1", epochs=1, accumulate=1)
     resumed = TinyMLP()
-    Trainer(**quiet(out / "b2", devices=2, max_epochs=2, plugins=[FSDPPlugin(timeout=60)])).fit(
-        resumed, tiny_loader(n=N, batch_size=MICRO), ckpt_path=one.checkpoint_path)
+    with pytest.warns(PlanChangedWarning):  # 1 rank -> 2: another plan
+        Trainer(**quiet(out / "b2", devices=2, max_epochs=2, plugins=[FSDPPlugin(timeout=60)])).fit(
+            resumed, tiny_loader(n=N, batch_size=MICRO), ckpt_path=one.checkpoint_path)
     counts = [json.loads(p.read_text()) for p in sorted(out.glob("counts-rank*.json"))]
     return {"out": out, "accumulated": accumulated, "trainer_a": trainer_a, "resumed": resumed, "counts": counts}
 
