@@ -41,18 +41,17 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from contextlib import nullcontext
-from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
 
 import torch
 
-from torchplug import __version__
-from torchplug import checkpoint as ckpt
+from torchplug.checkpointing import Checkpointing
 from torchplug.data import EpochBatches, Window
 from torchplug.errors import MisconfigurationError
-from torchplug.losscheck import LossCheck
+from torchplug.losscheck import LossCheck, loss_of
 from torchplug.metrics import to_floats
 from torchplug.module import MetricStore
+from torchplug.modulehooks import epoch_output
 from torchplug.optimization import (
     StepOptimizer,
     call_optimizer_step,
@@ -64,14 +63,14 @@ from torchplug.optimization import (
 from torchplug.outputs import RunOutputs
 from torchplug.prepare import Prepared, StepModule
 from torchplug.signals import StopRequest
-from torchplug.state import Position, RunState, training_state
+from torchplug.state import Position, RunState
 from torchplug.utils import warn_at_caller
 
 if TYPE_CHECKING:
     from torchplug.trainer import Trainer
 
 
-class FitLoop:
+class FitLoop(Checkpointing):
     """Trains, validates and checkpoints one process's prepared parts."""
 
     def __init__(self, trainer: Trainer, parts: Prepared, state: RunState, outputs: RunOutputs,
@@ -187,7 +186,7 @@ class FitLoop:
         hooks, model = self.hooks, self.model
         with hooks.forward_context(model=model):
             output = self._training_step(*args)
-        loss = _loss_of(output, batch_idx, epoch)
+        loss = loss_of(output, batch_idx, epoch)
         if self.epoch_outputs is not None:
             (self.epoch_outputs if index is None else self.epoch_outputs[index]).append(epoch_output(output))
         if self.losses.admits(loss, epoch, batch_idx, self.state.global_step):
@@ -398,57 +397,6 @@ class FitLoop:
         self.state.callback_metrics.update(values)
         return values
 
-    # -- checkpoints -------------------------------------------------------------------------
-    def checkpoint(self) -> None:
-        """``last.ckpt`` of the current position, unless it was just written."""
-        self.losses.flush(self.state.global_step)  # never checkpoint weights a non-finite loss reached
-        state = self.state
-        position = (state.epoch, state.batch_in_epoch, state.global_step)
-        if not self.trainer.enable_checkpointing or self._saved_at == position:
-            return
-        self.hooks.collect_state(trainer=self.trainer)  # every rank: rank 0 alone writes
-        self._saved_at = position
-        path = self.outputs.last_checkpoint_path
-        if path is not None:
-            ckpt.save(self.checkpoint_dict(), path)
-            self.outputs.last_checkpoint = path
-            self.trainer.checkpoint_path = str(path)  # also known when fit ends with an exception
-
-    def checkpoint_on_interrupt(self) -> None:
-        """Keep the last completed optimizer step: weights, optimizer state and data position
-        (a partial accumulation window is dropped). After a requested stop the position is
-        exact, RNG included, so resuming continues as if never stopped."""
-        if not (self.trainer.enable_checkpointing and self.optimizers):
-            return
-        for opt in self.optimizers:
-            opt.zero_grad(set_to_none=True)
-        self._saved_at = None
-        self.checkpoint()
-
-    def checkpoint_dict(self) -> dict[str, Any]:
-        """Rank 0's checkpoint, after ``collect_state`` ran on every process."""
-        weights, optimizer_states = self.hooks.get_state_dicts(trainer=self.trainer, model=self.module,
-                                                               optimizers=self.optimizers)
-        checkpoint: dict[str, Any] = {
-            "torchplug_checkpoint": ckpt.FORMAT_VERSION,
-            "torchplug_version": __version__,
-            **self.state.to_checkpoint(),
-            **training_state(weights, optimizer_states, self.schedulers),
-            "rng_states": self.batches.rng_snapshot(),
-            "plugins": self.trainer.plugin_names,
-            # provenance: compared with the resuming run's plan (torchplug.provenance)
-            "plan": self.trainer.plan.to_dict(),
-            "world_size": self.trainer.world_size,
-        }
-        self.hooks.on_save_checkpoint(trainer=self.trainer, checkpoint=checkpoint)
-        return checkpoint
-
-    def save_checkpoint(self, path: Path | None) -> None:
-        """``trainer.save_checkpoint``: gather on every process, write on rank 0 (``path`` given)."""
-        self.hooks.collect_state(trainer=self.trainer)
-        if path is not None:
-            ckpt.save(self.checkpoint_dict(), path)
-
     def release_wrapper(self) -> bool:
         """Forget ``configure_ddp``'s wrapper; True if there was one."""
         if self.model is self.module:
@@ -456,35 +404,6 @@ class FitLoop:
         self.model = self.module
         self._training_step = cast(StepModule, self.module).training_step  # it called the wrapper
         return True
-
-
-def epoch_output(output: Any) -> Any:
-    """A step's result as ``training_epoch_end`` gets it (Lightning's): a dict with ``"loss"``,
-    its tensors detached so the epoch's graphs are freed."""
-    if isinstance(output, dict):
-        return {k: v.detach() if isinstance(v, torch.Tensor) else v for k, v in output.items()}
-    return {"loss": output.detach()}
-
-
-def _loss_of(output: Any, batch_idx: int, epoch: int) -> torch.Tensor:
-    loss = output.get("loss") if isinstance(output, dict) else output
-    if not isinstance(loss, torch.Tensor) or loss.ndim != 0:
-        if isinstance(loss, torch.Tensor):
-            got = f"a tensor of shape {tuple(loss.shape)}"
-        elif isinstance(output, dict):
-            got = f"a dict without 'loss' (keys {sorted(map(str, output))})"
-        else:
-            got = type(loss).__name__
-        raise MisconfigurationError(
-            f"training_step must return a scalar loss tensor or a dict with 'loss'; got {got} "
-            f"at epoch {epoch}, batch {batch_idx}."
-        )
-    if not loss.requires_grad:
-        raise MisconfigurationError(
-            f"The loss returned by training_step at epoch {epoch}, batch {batch_idx} does not require grad "
-            "(computed under torch.no_grad(), or detached?)."
-        )
-    return loss
 
 
 __all__ = ["FitLoop"]

@@ -13,10 +13,11 @@ from __future__ import annotations
 import math
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import Any
 
 import torch
 
-from torchplug.errors import NonFiniteLossError
+from torchplug.errors import MisconfigurationError, NonFiniteLossError
 
 #: Set by :func:`accelerator_path` (``torchplug.testing.syncs.accelerator_path``): a CPU run
 #: then takes the path an accelerator run takes, so its host reads can be counted on the CPU.
@@ -75,3 +76,25 @@ class LossCheck:
                 f"(global step {step}, the optimizer step it belongs to).{note} Pass "
                 "Trainer(on_nonfinite_loss='skip') to skip such batches, or 'ignore' to backpropagate anyway."
             )
+
+
+def loss_of(output: Any, batch_idx: int, epoch: int) -> torch.Tensor:
+    """The loss in what ``training_step`` returned; refused, naming the step, if it cannot be trained."""
+    loss = output.get("loss") if isinstance(output, dict) else output
+    if not isinstance(loss, torch.Tensor) or loss.ndim != 0:
+        if isinstance(loss, torch.Tensor):
+            got = f"a tensor of shape {tuple(loss.shape)}"
+        elif isinstance(output, dict):
+            got = f"a dict without 'loss' (keys {sorted(map(str, output))})"
+        else:
+            got = type(loss).__name__
+        raise MisconfigurationError(
+            f"training_step must return a scalar loss tensor or a dict with 'loss'; got {got} "
+            f"at epoch {epoch}, batch {batch_idx}."
+        )
+    if not loss.requires_grad:
+        raise MisconfigurationError(
+            f"The loss returned by training_step at epoch {epoch}, batch {batch_idx} does not require grad "
+            "(computed under torch.no_grad(), or detached?)."
+        )
+    return loss

@@ -29,13 +29,11 @@ chose it (``PluginRecord.via``): :mod:`torchplug.plan` reports both.
 
 from __future__ import annotations
 
-import difflib
 import inspect
 import os
-import types
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal, cast
+from typing import Any, cast
 
 import pluggy
 
@@ -43,15 +41,24 @@ from torchplug import defaults, discovery, hookspecs
 from torchplug._validation import check_arguments, label, near_miss, object_origin, signature, unknown_hook_message
 from torchplug.discovery import BLOCK_ENV, DISABLE_AUTOLOAD_ENV, PLUGINS_ENV, EntryPointInfo
 from torchplug.errors import (
-    PluginBlockedError,
     PluginConflictError,
-    PluginIncompatibleError,
-    PluginLoadError,
-    PluginNotFoundError,
     PluginValidationError,
 )
 from torchplug.hookspecs import CHAINED_HOOKS
 from torchplug.plugin import Plugin, Role
+from torchplug.selection import (
+    ROLES,
+    Decision,
+    Selected,
+    Source,
+    blocked_by,
+    dedupe,
+    load_entry_point,
+    role_of,
+    select,
+    source_of,
+    unique,
+)
 
 __all__ = [
     "BLOCK_ENV",
@@ -68,24 +75,6 @@ __all__ = [
 ]
 
 DEFAULTS_NAME = "torchplug.defaults"
-ROLES: tuple[Role, ...] = ("precision", "strategy")
-
-Source = Literal["builtin", "autoload", "entry point", "object", "module", "training module"]
-
-
-@dataclass(frozen=True)
-class Decision:
-    """A plugin that a selection step considered and did not register, and why (the plan
-    reports these as the alternatives that lost)."""
-
-    name: str
-    #: the selection step, as in :attr:`PluginRecord.via`
-    via: str
-    reason: str
-    entry_point: EntryPointInfo | None = None
-    #: the role it would have filled, where known without importing it
-    role: Role | None = None
-
 
 @dataclass(frozen=True)
 class PluginRecord:
@@ -171,7 +160,7 @@ class PluginManager(pluggy.PluginManager):
     def register(self, plugin: object, name: str | None = None) -> str | None:
         """Register ``plugin``; errors name the plugin, hook and signature, and a plugin that
         fails validation leaves the manager unchanged."""
-        source, entry_point, via = self._pending_record or (_source_of(plugin), None, "register")
+        source, entry_point, via = self._pending_record or (source_of(plugin), None, "register")
         self._pending_record = None
         try:
             registered = super().register(plugin, name)
@@ -274,7 +263,7 @@ def get_plugin_manager(
         pm.autoload_source = "Trainer argument"
 
     pm.register_plugin(defaults, DEFAULTS_NAME, "builtin", via="builtin")
-    selected: list[_Selected] = []
+    selected: list[Selected] = []
     # Filtered by name from metadata: a disabled or blocked plugin is never imported.
     for ep in discovery.installed_plugins():
         if not ep.autoload:
@@ -284,12 +273,12 @@ def get_plugin_manager(
                    else "autoload_plugins=False")
             pm.skipped.append(Decision(ep.name, "autoload", f"autoload disabled ({how})", ep))
         elif ep.name in blocked_set:
-            pm.skipped.append(Decision(ep.name, "autoload", f"blocked ({_blocked_by(ep.name, blocked, env)})", ep))
+            pm.skipped.append(Decision(ep.name, "autoload", f"blocked ({blocked_by(ep.name, blocked, env)})", ep))
         else:
-            selected.append(_Selected(ep.name, None, "autoload", ep, via="autoload"))
-    explicit = [_select(name, blocked_set, via=PLUGINS_ENV) for name in discovery.split_names(env.get(PLUGINS_ENV, ""))]
-    explicit += [_select(item, blocked_set, via="plugins=") for item in plugins]
-    selected = _dedupe(selected + explicit, pm.skipped)
+            selected.append(Selected(ep.name, None, "autoload", ep, via="autoload"))
+    explicit = [select(name, blocked_set, via=PLUGINS_ENV) for name in discovery.split_names(env.get(PLUGINS_ENV, ""))]
+    explicit += [select(item, blocked_set, via="plugins=") for item in plugins]
+    selected = dedupe(selected + explicit, pm.skipped)
     for sel in selected:
         sel.load()
     filled = {role_of(sel.plugin): sel for sel in selected if role_of(sel.plugin) is not None}
@@ -302,7 +291,7 @@ def get_plugin_manager(
             pm.skipped.append(Decision(name, via, f"role {role} filled by '{holder.name}' (selected by {holder.via})",
                                        role=role))
             continue
-        pick = _select(name, blocked_set, via=f"the {role} shorthand")
+        pick = select(name, blocked_set, via=f"the {role} shorthand")
         pick.via = via
         if pick.entry_point is not None and (pick.entry_point.group, pick.entry_point.name) in chosen:
             pm.skipped.append(Decision(name, via, "already selected by name", pick.entry_point, role))
@@ -310,10 +299,10 @@ def get_plugin_manager(
         pick.load()
         role_picks.append(pick)
     n_autoload = sum(sel.source == "autoload" for sel in selected)
-    ordered = _dedupe(selected[:n_autoload] + role_picks + selected[n_autoload:], pm.skipped)
+    ordered = dedupe(selected[:n_autoload] + role_picks + selected[n_autoload:], pm.skipped)
     used: set[str] = {DEFAULTS_NAME}
     for sel in ordered:
-        pm.register_plugin(sel.plugin, _unique(sel.name, used), sel.source, sel.entry_point, sel.via)
+        pm.register_plugin(sel.plugin, unique(sel.name, used), sel.source, sel.entry_point, sel.via)
         if sel.source in ("object", "module") and not isinstance(sel.plugin, Plugin) \
                 and not pm.get_hookcallers(sel.plugin):
             # Almost always a mistake (plugins=[model], another framework's callback): it would
@@ -327,125 +316,3 @@ def get_plugin_manager(
     return pm
 
 
-def role_of(plugin: object) -> Role | None:
-    """The plugin's ``role`` attribute (``"precision"``, ``"strategy"`` or None)."""
-    role = getattr(plugin, "role", None)
-    return cast(Role, role) if role in ROLES else None
-
-
-def load_entry_point(ep: EntryPointInfo) -> object:
-    """Import an entry point after checking its declared torchplug range.
-
-    :raises PluginIncompatibleError: its ``Requires-Dist`` on torchplug excludes this version.
-    :raises PluginLoadError: importing it failed; ``__cause__`` is the original exception.
-    """
-    reason = ep.incompatibility()
-    if reason:
-        raise PluginIncompatibleError(
-            f"Plugin {ep.describe()} is incompatible with this torchplug: it {reason}. "
-            f"Upgrade the plugin (pip install -U {ep.dist_name}) or install a torchplug it supports; "
-            f"TORCHPLUG_BLOCK_PLUGINS={ep.name} skips it."
-        )
-    try:
-        return ep.load()
-    except Exception as exc:
-        how = (f"set TORCHPLUG_BLOCK_PLUGINS={ep.name} (or Trainer(blocked_plugins=['{ep.name}']))"
-               if ep.autoload else f"do not select '{ep.name}'")
-        raise PluginLoadError(
-            f"Could not load plugin {ep.describe()}: {type(exc).__name__}: {exc}\n"
-            f"Fix or reinstall {ep.dist_name} (pip install --force-reinstall {ep.dist_name}), "
-            f"uninstall it (pip uninstall {ep.dist_name}), or run without it: {how}."
-        ) from exc
-
-
-@dataclass
-class _Selected:
-    name: str
-    plugin: object | None
-    source: Source
-    entry_point: EntryPointInfo | None = None
-    via: str = ""
-
-    def load(self) -> None:
-        if self.plugin is None and self.entry_point is not None:
-            self.plugin = load_entry_point(self.entry_point)
-
-
-def _select(item: object, blocked: set[str], via: str) -> _Selected:
-    if isinstance(item, str):
-        if item in blocked:
-            raise PluginBlockedError(
-                f"Plugin '{item}' is selected by {via} but blocked (TORCHPLUG_BLOCK_PLUGINS or "
-                f"blocked_plugins=). Unblock it or do not select it."
-            )
-        ep = discovery.find(item)
-        if ep is None:
-            raise PluginNotFoundError(_not_found_message(item, via))
-        return _Selected(item, None, "entry point", ep, via=via)
-    if isinstance(item, types.ModuleType):
-        return _Selected(item.__name__, item, "module", via=via)
-    if isinstance(item, type):
-        raise PluginValidationError(
-            f"plugins= got the class {item.__module__}.{item.__qualname__}; pass an instance: "
-            f"plugins=[{item.__name__}()]"
-        )
-    name = getattr(item, "plugin_name", None) or type(item).__name__
-    return _Selected(str(name), item, "object", via=via)
-
-
-def _dedupe(selected: list[_Selected], skipped: list[Decision]) -> list[_Selected]:
-    """Keep the first selection of each entry point and of each object; note the others in ``skipped``."""
-    seen_eps: set[tuple[str, str]] = set()
-    seen_objects: set[int] = set()
-    kept: list[_Selected] = []
-    for sel in selected:
-        if sel.entry_point is not None:
-            key = (sel.entry_point.group, sel.entry_point.name)
-            if key in seen_eps:
-                skipped.append(Decision(sel.name, sel.via, "duplicate selection: registered once, at its first "
-                                        "position", sel.entry_point, role_of(sel.plugin)))
-                continue
-            seen_eps.add(key)
-        if sel.plugin is not None:
-            if id(sel.plugin) in seen_objects:
-                skipped.append(Decision(sel.name, sel.via, "duplicate selection: registered once, at its first "
-                                        "position", sel.entry_point, role_of(sel.plugin)))
-                continue
-            seen_objects.add(id(sel.plugin))
-        kept.append(sel)
-    return kept
-
-
-def _blocked_by(name: str, blocked: list[str], env: Mapping[str, str]) -> str:
-    by = [BLOCK_ENV] if name in discovery.blocked_names(env) else []
-    if name in blocked:
-        by.append("blocked_plugins=")
-    return " and ".join(by)
-
-
-def _source_of(plugin: object) -> Source:
-    return "module" if isinstance(plugin, types.ModuleType) else "object"
-
-
-def _not_found_message(name: str, via: str) -> str:
-    installed = sorted({ep.name for ep in discovery.installed_plugins()})
-    lines = [f"No plugin named '{name}' is installed (selected by {via}; entry-point groups "
-             f"{discovery.PLUGINS_GROUP} and {discovery.AUTOLOAD_GROUP})."]
-    close = difflib.get_close_matches(name, installed + list(discovery.FIRST_PARTY), n=1)
-    if close and close[0] != name:
-        lines.append(f"Did you mean '{close[0]}'?")
-    lines.append("Installed plugins: " + (", ".join(installed) if installed else "none") + ".")
-    hint = discovery.install_hint(name) or (discovery.install_hint(close[0]) if close else None)
-    if hint:
-        lines.append(f"Install it with: {hint}")
-    lines.append("List them with: torchplug plugins")
-    return " ".join(lines)
-
-
-def _unique(name: str, used: set[str]) -> str:
-    candidate, n = name, 1
-    while candidate in used:
-        n += 1
-        candidate = f"{name}#{n}"
-    used.add(candidate)
-    return candidate

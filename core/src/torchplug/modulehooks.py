@@ -22,6 +22,7 @@ from contextlib import contextmanager
 from types import SimpleNamespace
 from typing import TYPE_CHECKING, Any, cast
 
+import torch
 from torch import nn
 
 from torchplug import hookspecs
@@ -275,3 +276,11 @@ def module_plugin(module: nn.Module) -> object | None:
 
 __all__ = ["LIGHTNING_ARITY", "MODULE_API", "MODULE_HOOKS", "PLUGIN_NAME", "UNSUPPORTED", "check_module_methods",
            "module_plugin", "registered"]
+
+
+def epoch_output(output: Any) -> Any:
+    """A step's result as ``training_epoch_end`` gets it (Lightning's): a dict with ``"loss"``,
+    its tensors detached so the epoch's graphs are freed."""
+    if isinstance(output, dict):
+        return {k: v.detach() if isinstance(v, torch.Tensor) else v for k, v in output.items()}
+    return {"loss": output.detach()}

@@ -13,6 +13,21 @@ import torch
 from torch import nn
 
 from torchplug import checkpoint as ckpt
+from torchplug.arguments import (
+    ACCELERATORS,
+    AMP_BACKENDS,
+    AMP_LEVELS,
+    NONFINITE,
+    PRECISIONS,
+    RESUME_PLAN,
+    SINGLE_PROCESS,
+    check_devices,
+    check_int,
+    check_number,
+    check_optional_int,
+    check_type,
+    iterable,
+)
 from torchplug.errors import MisconfigurationError, PluginError
 from torchplug.hookcalls import Hooks
 from torchplug.manager import PluginManager, get_plugin_manager
@@ -24,14 +39,6 @@ from torchplug.provenance import check_resume_plan
 from torchplug.run import FitOutcome, FitRun, validate_only
 from torchplug.state import SchedulerConfig, already_finished, resume_point
 from torchplug.trainer_api import PluginFacingTrainer
-
-PRECISIONS = {32: "32", "32": "32", 16: "16", "16": "16", "16-mixed": "16", "bf16": "bf16", "bf16-mixed": "bf16"}
-AMP_BACKENDS = ("native", "apex")
-AMP_LEVELS = ("O0", "O1", "O2", "O3")
-ACCELERATORS = {None: None, "auto": None, "cpu": "cpu", "gpu": "cuda", "cuda": "cuda"}
-NONFINITE = ("error", "skip", "ignore")
-RESUME_PLAN = ("warn", "strict")  # what resuming under a different plan does: see torchplug.provenance
-SINGLE_PROCESS = ("single_device", "none")  # strategies that mean "no strategy plugin"
 
 
 class Trainer(PluginFacingTrainer):
@@ -96,9 +103,9 @@ class Trainer(PluginFacingTrainer):
                 f"accelerator={accelerator!r} asks for CUDA, but torch.cuda.is_available() is False "
                 f"(torch {torch.__version__}). Use accelerator='cpu', or install a CUDA build of torch."
             )
-        self.strategy = _check_type("strategy", strategy, (str, type(None)))
-        self.devices = _check_devices(devices)
-        self.num_nodes = _check_int("num_nodes", num_nodes, minimum=1)
+        self.strategy = check_type("strategy", strategy, (str, type(None)))
+        self.devices = check_devices(devices)
+        self.num_nodes = check_int("num_nodes", num_nodes, minimum=1)
         if isinstance(precision, bool) or not isinstance(precision, (int, str)) or precision not in PRECISIONS:
             raise MisconfigurationError(f"precision must be 32, 16 or 'bf16', got {precision!r}")
         self.precision = PRECISIONS[precision]
@@ -115,35 +122,35 @@ class Trainer(PluginFacingTrainer):
             raise MisconfigurationError("apex amp has no bf16 mode: use precision='bf16' with amp_backend='native'.")
         self.amp_level = amp_level
         if max_epochs is not None:
-            _check_int("max_epochs", max_epochs, minimum=1)
+            check_int("max_epochs", max_epochs, minimum=1)
         # Lightning 1.1 wrote "no limit" as max_steps=None, later versions as -1.
-        self.max_steps = -1 if max_steps is None else _check_int("max_steps", max_steps, minimum=-1)
+        self.max_steps = -1 if max_steps is None else check_int("max_steps", max_steps, minimum=-1)
         if self.max_steps == 0:
             raise MisconfigurationError("max_steps must be positive, or -1 for no limit; got 0")
         self.max_epochs = max_epochs if max_epochs is not None else (1000 if self.max_steps == -1 else None)
-        self.accumulate_grad_batches = _check_int("accumulate_grad_batches", accumulate_grad_batches, minimum=1)
-        self.gradient_clip_val = 0.0 if gradient_clip_val is None else _check_number(
+        self.accumulate_grad_batches = check_int("accumulate_grad_batches", accumulate_grad_batches, minimum=1)
+        self.gradient_clip_val = 0.0 if gradient_clip_val is None else check_number(
             "gradient_clip_val", gradient_clip_val, minimum=0.0)
-        self.gradient_clip_norm_type = _check_number(
+        self.gradient_clip_norm_type = check_number(
             "gradient_clip_norm_type", gradient_clip_norm_type, minimum=0.0, exclusive=True)
-        self.limit_train_batches = _check_optional_int("limit_train_batches", limit_train_batches, minimum=1)
-        self.limit_val_batches = _check_optional_int("limit_val_batches", limit_val_batches, minimum=0)
-        self.check_val_every_n_epoch = _check_int("check_val_every_n_epoch", check_val_every_n_epoch, minimum=1)
-        self.log_every_n_steps = _check_int("log_every_n_steps", log_every_n_steps, minimum=1)
-        self.enable_progress_bar = _check_type("enable_progress_bar", enable_progress_bar, bool)
-        self.enable_checkpointing = _check_type("enable_checkpointing", enable_checkpointing, bool)
-        self.logger = _check_type("logger", logger, bool)
+        self.limit_train_batches = check_optional_int("limit_train_batches", limit_train_batches, minimum=1)
+        self.limit_val_batches = check_optional_int("limit_val_batches", limit_val_batches, minimum=0)
+        self.check_val_every_n_epoch = check_int("check_val_every_n_epoch", check_val_every_n_epoch, minimum=1)
+        self.log_every_n_steps = check_int("log_every_n_steps", log_every_n_steps, minimum=1)
+        self.enable_progress_bar = check_type("enable_progress_bar", enable_progress_bar, bool)
+        self.enable_checkpointing = check_type("enable_checkpointing", enable_checkpointing, bool)
+        self.logger = check_type("logger", logger, bool)
         if default_root_dir is not None and not isinstance(default_root_dir, (str, os.PathLike)):
             raise MisconfigurationError(
                 f"default_root_dir must be a path (str or os.PathLike), got {default_root_dir!r} "
                 f"({type(default_root_dir).__name__})"
             )
         self.default_root_dir = Path(default_root_dir).absolute() if default_root_dir is not None else Path.cwd()
-        self.deterministic = _check_type("deterministic", deterministic, bool)
+        self.deterministic = check_type("deterministic", deterministic, bool)
         if not isinstance(on_nonfinite_loss, str) or on_nonfinite_loss not in NONFINITE:
             raise MisconfigurationError(f"on_nonfinite_loss must be one of {NONFINITE}, got {on_nonfinite_loss!r}")
         self.on_nonfinite_loss = on_nonfinite_loss
-        self.checkpoint_weights_only = _check_type("checkpoint_weights_only", checkpoint_weights_only, bool)
+        self.checkpoint_weights_only = check_type("checkpoint_weights_only", checkpoint_weights_only, bool)
         if not isinstance(resume_plan, str) or resume_plan not in RESUME_PLAN:
             raise MisconfigurationError(f"resume_plan must be one of {RESUME_PLAN}, got {resume_plan!r}")
         self.resume_plan = resume_plan
@@ -160,9 +167,9 @@ class Trainer(PluginFacingTrainer):
                 f"num_nodes={self.num_nodes}): a rank that skips a backward would desynchronise the gradient "
                 "all-reduce. Use 'error' or 'ignore'."
             )
-        if isinstance(blocked_plugins, str) or not all(isinstance(b, str) for b in _iterable(blocked_plugins)):
+        if isinstance(blocked_plugins, str) or not all(isinstance(b, str) for b in iterable(blocked_plugins)):
             raise MisconfigurationError(f"blocked_plugins must be a list of plugin names, got {blocked_plugins!r}")
-        _check_type("autoload_plugins", autoload_plugins, (bool, type(None)))
+        check_type("autoload_plugins", autoload_plugins, (bool, type(None)))
 
         if plugins is None:
             plugins = []
@@ -383,48 +390,6 @@ def _say(message: str) -> None:
     """A line for the user on stderr, from the launching process or global rank 0 only."""
     if os.environ.get("RANK", "0") == "0":
         print(message, file=sys.stderr, flush=True)
-
-
-def _check_type(name: str, value: Any, types: type | tuple[type, ...]) -> Any:
-    if not isinstance(value, types):
-        expected = " or ".join(t.__name__ for t in (types if isinstance(types, tuple) else (types,)))
-        raise MisconfigurationError(f"{name} must be {expected}, got {value!r} ({type(value).__name__})")
-    return value
-
-
-def _check_int(name: str, value: Any, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise MisconfigurationError(f"{name} must be an integer, got {value!r} ({type(value).__name__})")
-    if value < minimum:
-        raise MisconfigurationError(f"{name} must be >= {minimum}, got {value}")
-    return value
-
-
-def _check_number(name: str, value: Any, minimum: float, exclusive: bool = False) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value:
-        raise MisconfigurationError(f"{name} must be a number, got {value!r}")
-    if value < minimum or (exclusive and value == minimum):
-        raise MisconfigurationError(f"{name} must be {'>' if exclusive else '>='} {minimum}, got {value}")
-    return float(value)
-
-
-def _check_optional_int(name: str, value: Any, minimum: int) -> int | None:
-    return None if value is None else _check_int(name, value, minimum)
-
-
-def _iterable(value: Any) -> list[Any]:
-    try:
-        return list(value)
-    except TypeError:
-        return [None]
-
-
-def _check_devices(devices: Any) -> int | str | None:
-    if devices is None or devices == "auto":
-        return None
-    if isinstance(devices, bool) or not isinstance(devices, int) or devices < 1:
-        raise MisconfigurationError(f"devices must be a positive integer or 'auto', got {devices!r}")
-    return devices
 
 
 __all__ = ["FitOutcome", "PluginError", "Trainer"]

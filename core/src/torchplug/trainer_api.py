@@ -178,10 +178,10 @@ class PluginFacingTrainer:
             )(trainer=self)
 
     def _register_callback(self, callback: object) -> None:
-        from torchplug.manager import _unique
+        from torchplug.selection import unique
 
         used = {rec.name for rec in self.pm.records}
-        name = _unique(str(getattr(callback, "plugin_name", None) or type(callback).__name__), used)
+        name = unique(str(getattr(callback, "plugin_name", None) or type(callback).__name__), used)
         self.pm.register_plugin(callback, name, "object")
         if not isinstance(callback, Plugin) and not self.pm.get_hookcallers(callback):
             self.pm.unregister(callback)

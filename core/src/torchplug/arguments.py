@@ -1,0 +1,58 @@
+"""The Trainer's argument values and their checks: every bad value is refused at ``Trainer()``,
+naming the argument and the value, before any work."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from torchplug.errors import MisconfigurationError
+
+PRECISIONS = {32: "32", "32": "32", 16: "16", "16": "16", "16-mixed": "16", "bf16": "bf16", "bf16-mixed": "bf16"}
+AMP_BACKENDS = ("native", "apex")
+AMP_LEVELS = ("O0", "O1", "O2", "O3")
+ACCELERATORS = {None: None, "auto": None, "cpu": "cpu", "gpu": "cuda", "cuda": "cuda"}
+NONFINITE = ("error", "skip", "ignore")
+RESUME_PLAN = ("warn", "strict")  # what resuming under a different plan does: see torchplug.provenance
+SINGLE_PROCESS = ("single_device", "none")  # strategies that mean "no strategy plugin"
+
+
+def check_type(name: str, value: Any, types: type | tuple[type, ...]) -> Any:
+    if not isinstance(value, types):
+        expected = " or ".join(t.__name__ for t in (types if isinstance(types, tuple) else (types,)))
+        raise MisconfigurationError(f"{name} must be {expected}, got {value!r} ({type(value).__name__})")
+    return value
+
+
+def check_int(name: str, value: Any, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise MisconfigurationError(f"{name} must be an integer, got {value!r} ({type(value).__name__})")
+    if value < minimum:
+        raise MisconfigurationError(f"{name} must be >= {minimum}, got {value}")
+    return value
+
+
+def check_number(name: str, value: Any, minimum: float, exclusive: bool = False) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value:
+        raise MisconfigurationError(f"{name} must be a number, got {value!r}")
+    if value < minimum or (exclusive and value == minimum):
+        raise MisconfigurationError(f"{name} must be {'>' if exclusive else '>='} {minimum}, got {value}")
+    return float(value)
+
+
+def check_optional_int(name: str, value: Any, minimum: int) -> int | None:
+    return None if value is None else check_int(name, value, minimum)
+
+
+def iterable(value: Any) -> list[Any]:
+    try:
+        return list(value)
+    except TypeError:
+        return [None]
+
+
+def check_devices(devices: Any) -> int | str | None:
+    if devices is None or devices == "auto":
+        return None
+    if isinstance(devices, bool) or not isinstance(devices, int) or devices < 1:
+        raise MisconfigurationError(f"devices must be a positive integer or 'auto', got {devices!r}")
+    return devices

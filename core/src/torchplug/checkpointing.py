@@ -1,0 +1,93 @@
+"""Checkpoints of a running fit: ``last.ckpt`` at each resume point, on interrupt, and
+``trainer.save_checkpoint``. ``collect_state`` runs on every process first (a sharded
+optimizer or model gathers there); rank 0 then builds the dict (``get_state_dicts`` →
+``on_save_checkpoint``) and writes it atomically (:mod:`torchplug.checkpoint`).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from torchplug import __version__
+from torchplug import checkpoint as ckpt
+from torchplug.state import training_state
+
+if TYPE_CHECKING:
+    from torch import nn
+    from torch.optim import Optimizer
+
+    from torchplug.data import EpochBatches
+    from torchplug.hookcalls import Hooks
+    from torchplug.losscheck import LossCheck
+    from torchplug.outputs import RunOutputs
+    from torchplug.state import RunState, SchedulerConfig
+    from torchplug.trainer import Trainer
+
+
+class Checkpointing:
+    """The checkpoint steps of :class:`torchplug.loop.FitLoop` (whose attributes they use)."""
+
+    trainer: Trainer
+    hooks: Hooks
+    module: nn.Module
+    optimizers: list[Optimizer]
+    schedulers: list[SchedulerConfig]
+    state: RunState
+    outputs: RunOutputs
+    batches: EpochBatches
+    losses: LossCheck
+    _saved_at: tuple[int, int, int] | None
+
+    def checkpoint(self) -> None:
+        """``last.ckpt`` of the current position, unless it was just written."""
+        self.losses.flush(self.state.global_step)  # never checkpoint weights a non-finite loss reached
+        state = self.state
+        position = (state.epoch, state.batch_in_epoch, state.global_step)
+        if not self.trainer.enable_checkpointing or self._saved_at == position:
+            return
+        self.hooks.collect_state(trainer=self.trainer)  # every rank: rank 0 alone writes
+        self._saved_at = position
+        path = self.outputs.last_checkpoint_path
+        if path is not None:
+            ckpt.save(self.checkpoint_dict(), path)
+            self.outputs.last_checkpoint = path
+            self.trainer.checkpoint_path = str(path)  # also known when fit ends with an exception
+
+    def checkpoint_on_interrupt(self) -> None:
+        """Keep the last completed optimizer step: weights, optimizer state and data position
+        (a partial accumulation window is dropped). After a requested stop the position is
+        exact, RNG included, so resuming continues as if never stopped."""
+        if not (self.trainer.enable_checkpointing and self.optimizers):
+            return
+        for opt in self.optimizers:
+            opt.zero_grad(set_to_none=True)
+        self._saved_at = None
+        self.checkpoint()
+
+    def checkpoint_dict(self) -> dict[str, Any]:
+        """Rank 0's checkpoint, after ``collect_state`` ran on every process."""
+        weights, optimizer_states = self.hooks.get_state_dicts(trainer=self.trainer, model=self.module,
+                                                               optimizers=self.optimizers)
+        checkpoint: dict[str, Any] = {
+            "torchplug_checkpoint": ckpt.FORMAT_VERSION,
+            "torchplug_version": __version__,
+            **self.state.to_checkpoint(),
+            **training_state(weights, optimizer_states, self.schedulers),
+            "rng_states": self.batches.rng_snapshot(),
+            "plugins": self.trainer.plugin_names,
+            # provenance: compared with the resuming run's plan (torchplug.provenance)
+            "plan": self.trainer.plan.to_dict(),
+            "world_size": self.trainer.world_size,
+        }
+        self.hooks.on_save_checkpoint(trainer=self.trainer, checkpoint=checkpoint)
+        return checkpoint
+
+    def save_checkpoint(self, path: Path | None) -> None:
+        """``trainer.save_checkpoint``: gather on every process, write on rank 0 (``path`` given)."""
+        self.hooks.collect_state(trainer=self.trainer)
+        if path is not None:
+            ckpt.save(self.checkpoint_dict(), path)
+
+
+__all__ = ["Checkpointing"]
