@@ -6,6 +6,7 @@ import math
 from typing import TYPE_CHECKING, Any
 
 from torchplug.errors import MisconfigurationError
+from torchplug.plugin import Plugin
 
 if TYPE_CHECKING:
     from torchplug.trainer import Trainer
@@ -52,3 +53,27 @@ def state_key(cls_name: str, **attrs: Any) -> str:
 def state_of(checkpoint: dict[str, Any], key: str) -> dict[str, Any] | None:
     found = checkpoint.get(CHECKPOINT_KEY, {}).get(key)
     return found if isinstance(found, dict) else None
+
+
+class StatefulCallback(Plugin):
+    """A callback whose ``state_dict()`` travels in checkpoints under ``checkpoint["callbacks"]
+    [state_key]`` and comes back with ``load_state_dict`` on resume."""
+
+    @property
+    def state_key(self) -> str:
+        """Where in ``checkpoint["callbacks"]`` this callback's state goes (unique per configuration)."""
+        raise NotImplementedError
+
+    def state_dict(self) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        raise NotImplementedError
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint.setdefault(CHECKPOINT_KEY, {})[self.state_key] = self.state_dict()
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        state = state_of(checkpoint, self.state_key)
+        if state is not None:
+            self.load_state_dict(state)

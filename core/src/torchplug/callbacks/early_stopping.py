@@ -6,15 +6,14 @@ import math
 import sys
 from typing import TYPE_CHECKING, Any
 
-from torchplug.callbacks._common import CHECKPOINT_KEY, check_mode, improved, monitored, state_key, state_of
+from torchplug.callbacks._common import StatefulCallback, check_mode, improved, monitored, state_key
 from torchplug.errors import MisconfigurationError
-from torchplug.plugin import Plugin
 
 if TYPE_CHECKING:
     from torchplug.trainer import Trainer
 
 
-class EarlyStopping(Plugin):
+class EarlyStopping(StatefulCallback):
     """Stop when ``monitor`` has not improved by more than ``min_delta`` for ``patience`` checks
     (Lightning's arguments and behaviour).
 
@@ -85,14 +84,6 @@ class EarlyStopping(Plugin):
     def on_validation_end(self, trainer: Trainer) -> None:
         if trainer.fitting and not self._at_train_epoch_end(trainer):
             self._check(trainer, "validation")
-
-    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        checkpoint.setdefault(CHECKPOINT_KEY, {})[self.state_key] = self.state_dict()
-
-    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        state = state_of(checkpoint, self.state_key)
-        if state is not None:
-            self.load_state_dict(state)
 
     # -- the decision ------------------------------------------------------------------------
     def _at_train_epoch_end(self, trainer: Trainer) -> bool:

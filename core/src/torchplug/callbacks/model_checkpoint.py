@@ -7,9 +7,8 @@ import re
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from torchplug.callbacks._common import CHECKPOINT_KEY, check_mode, improved, monitored, state_key, state_of
+from torchplug.callbacks._common import StatefulCallback, check_mode, improved, monitored, state_key
 from torchplug.errors import MisconfigurationError
-from torchplug.plugin import Plugin
 
 if TYPE_CHECKING:
     from torchplug.trainer import Trainer
@@ -17,7 +16,7 @@ if TYPE_CHECKING:
 _FIELD = re.compile(r"\{([^{}:]+)(:[^{}]*)?\}")
 
 
-class ModelCheckpoint(Plugin):
+class ModelCheckpoint(StatefulCallback):
     """Save checkpoints (``trainer.save_checkpoint``: atomic, resumable) and keep the
     ``save_top_k`` best by ``monitor`` (Lightning's arguments and file names).
 
@@ -137,14 +136,6 @@ class ModelCheckpoint(Plugin):
     def on_validation_end(self, trainer: Trainer) -> None:
         if trainer.fitting and self._epoch_due(trainer):
             self._save(trainer, "validation")
-
-    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        checkpoint.setdefault(CHECKPOINT_KEY, {})[self.state_key] = self.state_dict()
-
-    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        state = state_of(checkpoint, self.state_key)
-        if state is not None:
-            self.load_state_dict(state)
 
     # -- saving ------------------------------------------------------------------------------
     def format_checkpoint_name(self, metrics: dict[str, Any], ver: int | None = None) -> str:
