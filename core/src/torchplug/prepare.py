@@ -5,7 +5,6 @@ module or data the loop cannot train is refused before any work.
 
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol, cast
 
@@ -17,6 +16,7 @@ from torchplug import transforms
 from torchplug.errors import MisconfigurationError
 from torchplug.module import MetricStore, TrainingModule
 from torchplug.state import SchedulerConfig
+from torchplug.utils import mark_scheduler_step
 from torchplug.wrappers import TrainingStepModule
 
 if TYPE_CHECKING:
@@ -176,23 +176,7 @@ def rebind_schedulers(schedulers: list[SchedulerConfig], old: list[torch.optim.O
         opt = getattr(sched, "optimizer", None)
         if opt is not None and id(opt) in mapping:
             sched.optimizer = mapping[id(opt)]
-            _track_steps(sched.optimizer)
-
-
-def _track_steps(optimizer: torch.optim.Optimizer) -> None:
-    """Mark ``optimizer.step`` the way an LR scheduler marks its optimizer's at construction, so
-    the re-bound scheduler does not warn that step() "has been overridden" on every fit."""
-    step = optimizer.step
-    if hasattr(step, "_wrapped_by_lr_sched"):
-        return
-
-    @functools.wraps(step)
-    def tracked(*args: Any, **kwargs: Any) -> Any:
-        optimizer._opt_called = True  # type: ignore[attr-defined]
-        return step(*args, **kwargs)
-
-    tracked._wrapped_by_lr_sched = True  # type: ignore[attr-defined]
-    optimizer.step = tracked  # type: ignore[method-assign]
+            mark_scheduler_step(sched.optimizer)  # or the re-bound scheduler warns every fit
 
 
 def distributed_loader(loader: Any, trainer: Trainer, shuffle_default: bool) -> Any:

@@ -111,3 +111,24 @@ def warn_at_caller(message: str | Warning, category: type[Warning] = UserWarning
     import warnings
 
     warnings.warn(message, category, stacklevel=caller_stacklevel())
+
+
+def mark_scheduler_step(optimizer: Optimizer) -> None:
+    """Mark a replaced ``optimizer.step`` (apex's initialize, a ZeRO wrapper, a re-bound scheduler's
+    new optimizer) the way torch's LR schedulers mark the step they wrap, so they do not warn that
+    ``optimizer.step()`` "has been overridden after learning rate scheduler initialization".
+    Relies on torch's private markers ``_wrapped_by_lr_sched``/``_opt_called``
+    (torch.optim.lr_scheduler); without them it is inert."""
+    import functools
+
+    step = optimizer.step
+    if hasattr(step, "_wrapped_by_lr_sched"):
+        return
+
+    @functools.wraps(step)
+    def step_tracked_for_schedulers(*args: Any, **kwargs: Any) -> Any:
+        optimizer._opt_called = True  # type: ignore[attr-defined]
+        return step(*args, **kwargs)
+
+    step_tracked_for_schedulers._wrapped_by_lr_sched = True  # type: ignore[attr-defined]
+    optimizer.step = step_tracked_for_schedulers  # type: ignore[method-assign]

@@ -30,12 +30,11 @@ process every micro-batch is unscaled on ``scale_loss`` exit (apex's plain recip
 
 from __future__ import annotations
 
-import functools
 import inspect
 import math
 import os
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from types import ModuleType
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -45,7 +44,7 @@ from torch import nn
 from torch.optim import Optimizer
 
 from torchplug import CheckpointError, MisconfigurationError, Plugin
-from torchplug.utils import warn_at_caller
+from torchplug.utils import mark_scheduler_step, warn_at_caller
 from torchplug_apex._detect import DISTRIBUTION, ApexUnavailableError, load_amp
 
 if TYPE_CHECKING:
@@ -209,7 +208,7 @@ class ApexPlugin(Plugin):
         for old, new in zip(given, optimizers):
             _accept_set_to_none(new)
             if id(old) in tracked or id(new) in tracked:
-                _keep_scheduler_step_tracking(new)
+                mark_scheduler_step(new)  # O1 and O2 replace step
         self.initialized = True
         return model, optimizers
 
@@ -420,22 +419,3 @@ def _accept_set_to_none(optimizer: Optimizer) -> None:
         zero_grad()
 
     optimizer.zero_grad = zero_grad_accepting_set_to_none  # type: ignore[method-assign]
-
-
-def _keep_scheduler_step_tracking(optimizer: Optimizer) -> None:
-    """Mark apex's replacement ``optimizer.step`` the way torch's LR schedulers mark the step they
-    wrap, so they do not warn that ``optimizer.step()`` "has been overridden after learning rate
-    scheduler initialization" (O1 and O2 replace it). Lightning 1.1 re-initialised its schedulers
-    after ``amp.initialize`` for the same reason. Relies on torch's private markers
-    ``_wrapped_by_lr_sched``/``_opt_called`` (torch.optim.lr_scheduler); without them it is inert."""
-    step: Callable[..., Any] = optimizer.step
-    if hasattr(step, "_wrapped_by_lr_sched"):
-        return
-
-    @functools.wraps(step)
-    def step_tracked_for_schedulers(*args: Any, **kwargs: Any) -> Any:
-        optimizer._opt_called = True  # type: ignore[attr-defined]
-        return step(*args, **kwargs)
-
-    step_tracked_for_schedulers._wrapped_by_lr_sched = True  # type: ignore[attr-defined]
-    optimizer.step = step_tracked_for_schedulers  # type: ignore[method-assign]
