@@ -101,6 +101,8 @@ PARTS = [
     Part("callbacks_overhead", "callbacks_overhead.py", [], ["--quick"], own_rows,
          "tiny MLP step time with EarlyStopping + ModelCheckpoint + TensorBoard, vs a hand loop writing the same "
          "TensorBoard scalars"),
+    Part("module_hooks_overhead", "module_hooks_overhead.py", [], ["--quick"], own_rows,
+         "tiny MLP step time with six per-step module hooks, vs a hand loop calling the same hooks"),
     Part("amp_overhead", "amp_overhead.py", [], ["--quick"], own_rows,
          "bf16 native_amp step time on the CPU, Trainer vs hand autocast loop (+ Lightning)"),
     Part("ddp_step", "ddp_step.py", [], ["--quick"], own_rows,

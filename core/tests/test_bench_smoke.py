@@ -67,6 +67,13 @@ def test_callbacks_overhead_quick() -> None:
 
 
 @pytest.mark.timeout(90)
+def test_module_hooks_overhead_quick() -> None:
+    result = _result(_run(str(BENCH / "module_hooks_overhead.py"), "--quick"))
+    assert result["stats"]["torchplug"]["median"] > 0
+    _check_rows(result["rows"])
+
+
+@pytest.mark.timeout(90)
 def test_first_step_quick_one_process() -> None:
     result = _result(_run(str(BENCH / "first_step.py"), "--quick", "--no-ddp"))
     stamps = result["groups"]["one"]["stamps_median_s"]
