@@ -329,10 +329,7 @@ def _fast(hook: pluggy.HookCaller, impls: list[pluggy.HookImpl], firstresult: bo
     if len(impls) == 1 and not (impls[0].wrapper or impls[0].hookwrapper):
         function, argnames = impls[0].function, impls[0].argnames
         if firstresult:
-            def direct(**kwargs: Any) -> Any:
-                return function(*[kwargs[a] for a in argnames])
-
-            return direct
+            return _direct(function, argnames)
 
         def direct_all(**kwargs: Any) -> list[Any]:
             result = function(*[kwargs[a] for a in argnames])
@@ -363,6 +360,24 @@ def _fast(hook: pluggy.HookCaller, impls: list[pluggy.HookImpl], firstresult: bo
         return results
 
     return every
+
+
+def _direct(function: Callable[..., Any], argnames: tuple[str, ...]) -> Caller:
+    """The one implementation of a firstresult hook, called with the arguments it names: with
+    up to two names, without building an argument list per call (the step's hot path)."""
+    if not argnames:
+        return lambda **kwargs: function()
+    if len(argnames) == 1:
+        (a,) = argnames
+        return lambda **kwargs: function(kwargs[a])
+    if len(argnames) == 2:
+        a, b = argnames
+        return lambda **kwargs: function(kwargs[a], kwargs[b])
+
+    def direct(**kwargs: Any) -> Any:
+        return function(*[kwargs[a] for a in argnames])
+
+    return direct
 
 
 def _chained(name: str, impls: list[pluggy.HookImpl]) -> Caller:

@@ -25,8 +25,11 @@ def _placed(obj: Any, device: torch.device) -> bool:
     if isinstance(obj, torch.Tensor):
         return obj.device == device
     if isinstance(obj, (tuple, list)):
-        for item in obj:
-            if not _placed(item, device):
+        for item in obj:  # tensors checked here: a (batch, batch_idx) of tensors recurses no further
+            if isinstance(item, torch.Tensor):
+                if item.device != device:
+                    return False
+            elif isinstance(item, (tuple, list, dict)) and not _placed(item, device):
                 return False
     elif isinstance(obj, dict):
         for item in obj.values():
