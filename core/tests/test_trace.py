@@ -161,7 +161,7 @@ def test_no_trace_by_default(monkeypatch: pytest.MonkeyPatch, capsys: pytest.Cap
     assert not hooks.trace
     assert hooks.trace_path is None
     # the plain callers: a direct call for one implementation, no tracing wrapper, nothing counted
-    assert hooks.world_size.__qualname__ == "_fast.<locals>.direct"
+    assert hooks.world_size.__qualname__ == "_direct.<locals>.direct"
     assert hooks.on_before_forward.__qualname__ == "_chained.<locals>.chain"
     assert dist.barrier is barrier
     hooks.world_size()

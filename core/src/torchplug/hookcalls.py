@@ -366,16 +366,21 @@ def _direct(function: Callable[..., Any], argnames: tuple[str, ...]) -> Caller:
     """The one implementation of a firstresult hook, called with the arguments it names: with
     up to two names, without building an argument list per call (the step's hot path)."""
     if not argnames:
-        return lambda **kwargs: function()
-    if len(argnames) == 1:
+        def direct(**kwargs: Any) -> Any:
+            return function()
+    elif len(argnames) == 1:
         (a,) = argnames
-        return lambda **kwargs: function(kwargs[a])
-    if len(argnames) == 2:
-        a, b = argnames
-        return lambda **kwargs: function(kwargs[a], kwargs[b])
 
-    def direct(**kwargs: Any) -> Any:
-        return function(*[kwargs[a] for a in argnames])
+        def direct(**kwargs: Any) -> Any:
+            return function(kwargs[a])
+    elif len(argnames) == 2:
+        a, b = argnames
+
+        def direct(**kwargs: Any) -> Any:
+            return function(kwargs[a], kwargs[b])
+    else:
+        def direct(**kwargs: Any) -> Any:
+            return function(*[kwargs[a] for a in argnames])
 
     return direct
 
