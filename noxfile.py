@@ -43,7 +43,10 @@ SHARED = ("torch", "numpy", "pip")
 #: Shared when installed there (the demo's extra), else installed from the index.
 SHARED_IF_PRESENT = ("scikit-learn", "matplotlib")
 #: Test tools every test session installs (small; pip's cache makes it quick).
-TEST_TOOLS = ("pytest>=8", "pytest-timeout>=2.3", "setuptools>=77")
+TEST_TOOLS = ("pytest>=8", "pytest-timeout>=2.3", "pytest-xdist>=3.5", "setuptools>=77")
+#: The long suites run on every core: whole files per worker, so a module-scoped multi-process
+#: fixture starts once.
+PARALLEL = ("-n", "auto", "--dist", "loadfile")
 #: Same versions as the dev venv, so lint and types do not drift with new releases.
 RUFF = "ruff==0.17.6"
 MYPY = "mypy==2.4.1"
@@ -98,7 +101,7 @@ def _installed(name: str) -> bool:
         return False
 
 
-def package_tests(session: nox.Session, *projects: str, tests: list[str]) -> None:
+def package_tests(session: nox.Session, *projects: str, tests: list[str], parallel: bool = False) -> None:
     """Editable installs of the core (with its demo extra) and ``projects``, torch shared, then
     pytest on ``tests``."""
     constraints = share_torch(session, extra=SHARED_IF_PRESENT)
@@ -106,14 +109,15 @@ def package_tests(session: nox.Session, *projects: str, tests: list[str]) -> Non
     editable += [arg for name in projects for arg in ("-e", str(PROJECTS[name]))]
     pip(session, "install", "--quiet", "-c", str(constraints), *TEST_TOOLS)
     pip(session, "install", "--quiet", "-c", str(constraints), "--no-build-isolation", *editable)
-    session.run("pytest", *tests, *session.posargs, env={"OMP_NUM_THREADS": "1"})
+    session.run("pytest", *(PARALLEL if parallel else ()), *tests, *session.posargs, env={"OMP_NUM_THREADS": "1"})
 
 
 @nox.session(name="tests-core", **VENV)
 def tests_core(session: nox.Session) -> None:
     """The core's own tests (core/tests); the plugins come along for the tests that combine the
     core with them (roles, DDP signals, conflicts), which skip without them."""
-    package_tests(session, "torchplug-ddp", "torchplug-native-amp", "torchplug-apex", tests=["core/tests"])
+    package_tests(session, "torchplug-ddp", "torchplug-native-amp", "torchplug-apex", tests=["core/tests"],
+                  parallel=True)
 
 
 @nox.session(name="tests-ddp", **VENV)
@@ -166,7 +170,7 @@ def wheels(session: nox.Session) -> None:
     pip(session, "uninstall", "--yes", "--quiet", *PROJECTS)
     pip(session, "install", "--quiet", "--find-links", str(DIST), "-c", str(constraints), "torchplug[all]")
     session.run("python", "-c", CHECK_INSTALLED)
-    session.run("pytest", "tests", *session.posargs, env={
+    session.run("pytest", *PARALLEL, "tests", *session.posargs, env={
         "TORCHPLUG_TEST_INSTALLED": "1", "TORCHPLUG_WHEELHOUSE": str(DIST), "OMP_NUM_THREADS": "1"})
 
 
