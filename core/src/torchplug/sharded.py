@@ -4,12 +4,14 @@ The checkpoint file keeps the run state (counters, RNG, loader position, plan) a
 ``"sharded_state"``, the strategy's reference to its shards' folder, next to the file; under
 ``"state_dict_shapes"`` the module's state-dict keys and shapes, so a resume is matched
 against the model before any work, as with full state dicts. Resuming, :func:`resolve_folder`
-finds the folder (before any work) and every process loads it with ``load_sharded_state``.
+finds the folder (before any work) and every process loads it with ``load_sharded_state``;
+:func:`remove_checkpoint` deletes a file with the folder it names (``ModelCheckpoint``'s top k).
 """
 
 from __future__ import annotations
 
 import os
+import shutil
 from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -59,4 +61,20 @@ def resolve_folder(checkpoint: dict[str, Any], path: str | os.PathLike[str], pm:
     checkpoint[FOLDER_KEY] = str(folder)
 
 
-__all__ = ["FOLDER_KEY", "resolve_folder", "state_dict_shapes"]
+def remove_checkpoint(path: str | os.PathLike[str]) -> None:
+    """Delete a checkpoint file and, when it names a sharded state folder, that folder (a file
+    that cannot be read is deleted alone). Memory-mapped: the file's tensors are not read."""
+    target = Path(path)
+    try:
+        data = torch.load(target, map_location="cpu", weights_only=True, mmap=True)
+    except Exception:  # missing or damaged: nothing it names can be found
+        data = None
+    reference = data.get("sharded_state") if isinstance(data, dict) else None
+    if isinstance(reference, Mapping) and isinstance(reference.get("folder"), str):
+        folder = target.parent / reference["folder"]
+        if folder.parent == target.parent and folder.is_dir():  # a name next to the file, never elsewhere
+            shutil.rmtree(folder, ignore_errors=True)
+    target.unlink(missing_ok=True)
+
+
+__all__ = ["FOLDER_KEY", "remove_checkpoint", "resolve_folder", "state_dict_shapes"]

@@ -21,6 +21,7 @@ from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 from torchplug_fsdp import FSDPPlugin
 
 from torchplug import CheckpointError, PluginHookError, Trainer
+from torchplug.callbacks import ModelCheckpoint
 from torchplug.errors import PlanChangedWarning
 from torchplug.testing.models import TinyMLP, parameters_vector, tiny_loader
 
@@ -153,3 +154,12 @@ def test_missing_or_foreign_shards_are_refused_naming_the_folder(tmp_path: Path)
     with pytest.raises(CheckpointError, match="no plugin of this run reads sharded state"):
         Trainer(**quiet(tmp_path / "r3", max_epochs=2)).fit(
             TinyMLP(), tiny_loader(n=N, batch_size=2 * MICRO), ckpt_path=mine.checkpoint_path)
+
+
+def test_model_checkpoint_deletes_a_dropped_checkpoint_with_its_shards(tmp_path: Path) -> None:
+    keep = ModelCheckpoint(dirpath=str(tmp_path / "top"), save_top_k=1)  # no monitor: the latest
+    Trainer(**quiet(tmp_path, max_epochs=3, plugins=[sharded()], callbacks=[keep])).fit(
+        TinyMLP(), tiny_loader(n=N, batch_size=2 * MICRO))
+    files = sorted(p.name for p in (tmp_path / "top").glob("*.ckpt"))
+    assert files == [Path(keep.best_model_path).name]
+    assert [p for p in (tmp_path / "top").iterdir() if p.is_dir()] == [folder_of(keep.best_model_path)]
