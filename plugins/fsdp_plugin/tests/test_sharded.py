@@ -20,7 +20,7 @@ from fsdp_support import ClipProbe
 from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 from torchplug_fsdp import FSDPPlugin
 
-from torchplug import CheckpointError, PluginHookError, Trainer
+from torchplug import CheckpointError, Plugin, PluginHookError, Trainer
 from torchplug.callbacks import ModelCheckpoint
 from torchplug.errors import PlanChangedWarning
 from torchplug.testing.models import TinyMLP, parameters_vector, tiny_loader
@@ -163,3 +163,44 @@ def test_model_checkpoint_deletes_a_dropped_checkpoint_with_its_shards(tmp_path:
     files = sorted(p.name for p in (tmp_path / "top").glob("*.ckpt"))
     assert files == [Path(keep.best_model_path).name]
     assert [p for p in (tmp_path / "top").iterdir() if p.is_dir()] == [folder_of(keep.best_model_path)]
+
+
+class AdamMLP(TinyMLP):
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.Adam(self.parameters(), lr=0.01)
+
+
+class SaveAtStart(Plugin):
+    """``trainer.save_checkpoint`` before the first step, when the optimizer has no state yet."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def on_fit_start(self, trainer: Any) -> None:
+        trainer.save_checkpoint(self.path)
+
+
+def test_a_checkpoint_before_the_first_step_changes_nothing_and_resumes(tmp_path: Path,
+                                                                        capsys: pytest.CaptureFixture[str]) -> None:
+    early = tmp_path / "early.ckpt"
+    saving = AdamMLP()
+    trainer = Trainer(**quiet(tmp_path / "a", plugins=[sharded(), SaveAtStart(early)]))
+    trainer.fit(saving, tiny_loader(n=N, batch_size=2 * MICRO))
+    plain = AdamMLP()
+    Trainer(**quiet(tmp_path / "b")).fit(plain, tiny_loader(n=N, batch_size=2 * MICRO))
+    # Adam's step count is not started by the save (a zero-gradient step would have)
+    assert torch.equal(parameters_vector(saving), parameters_vector(plain))
+    resumed = AdamMLP()
+    with pytest.warns(PlanChangedWarning):  # written with SaveAtStart registered
+        Trainer(**quiet(tmp_path / "c", plugins=[sharded()])).fit(
+            resumed, tiny_loader(n=N, batch_size=2 * MICRO), ckpt_path=early)
+    assert torch.equal(parameters_vector(resumed), parameters_vector(plain))
+    capsys.readouterr()
+    untouched = AdamMLP(seed=3)
+    with pytest.warns(PlanChangedWarning):
+        Trainer(**quiet(tmp_path / "d", plugins=[sharded()])).fit(
+            untouched, tiny_loader(n=N, batch_size=2 * MICRO), ckpt_path=trainer.checkpoint_path)
+    said = capsys.readouterr().err
+    assert "nothing to train" in said
+    assert f"sharded in {folder_of(trainer.checkpoint_path)}; the model is left as given" in said
+    assert torch.equal(parameters_vector(untouched), parameters_vector(AdamMLP(seed=3)))

@@ -74,7 +74,11 @@ class ShardedCheckpoints:
         if target is None:
             return None
         folder = Path(target[0]) / target[1]
-        state = {"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, optimizers)}
+        state: dict[str, Any] = {"model": get_model_state_dict(model)}
+        if any(optimizer.state for optimizer in optimizers):
+            # Before the first step there is no state to save, and get_optimizer_state_dict would
+            # create it with a zero-gradient step (Adam's step count then starts at 1).
+            state["optim"] = get_optimizer_state_dict(model, optimizers)
         with _one_process(group):
             dcp_save(state, checkpoint_id=folder, process_group=group, no_dist=group is None)
         self._saved = True
@@ -90,9 +94,11 @@ class ShardedCheckpoints:
              group: Any) -> bool | None:
         if reference.get("format") != FORMAT:
             return None  # another strategy's shards
-        model_state, optim_state = get_model_state_dict(model), get_optimizer_state_dict(model, optimizers)
-        _check_shards(folder, model_state)
-        state: dict[str, Any] = {"model": model_state, "optim": optim_state}  # dcp_load fills it in place
+        model_state = get_model_state_dict(model)
+        saved_optim = _check_shards(folder, model_state)
+        state: dict[str, Any] = {"model": model_state}  # dcp_load fills it in place
+        if saved_optim:  # the fresh optimizers get their state (created by a zero-gradient step) overwritten
+            state["optim"] = get_optimizer_state_dict(model, optimizers)
         try:
             with _one_process(group):
                 dcp_load(state, checkpoint_id=folder, process_group=group, no_dist=group is None)
@@ -102,7 +108,8 @@ class ShardedCheckpoints:
                 f"({type(exc).__name__}: {str(exc)[:300]}); a shard file is missing or damaged."
             ) from exc
         set_model_state_dict(model, model_state)
-        set_optimizer_state_dict(model, optimizers, optim_state)
+        if saved_optim:
+            set_optimizer_state_dict(model, optimizers, state["optim"])
         return True
 
 
@@ -115,8 +122,9 @@ def _one_process(group: Any) -> Generator[None, None, None]:
         yield
 
 
-def _check_shards(folder: str, model_state: dict[str, Any]) -> None:
-    """Refuse, naming the folder, shards that are not DCP's or hold another model's tensors."""
+def _check_shards(folder: str, model_state: dict[str, Any]) -> bool:
+    """Refuse, naming the folder, shards that are not DCP's or hold another model's tensors;
+    returns whether they hold optimizer state."""
     try:
         metadata = FileSystemReader(folder).read_metadata()
     except Exception as exc:
@@ -137,6 +145,7 @@ def _check_shards(folder: str, model_state: dict[str, Any]) -> None:
             f"FSDPPlugin (torchplug-fsdp): the sharded folder {folder} holds another model's state: "
             f"{', '.join(parts)}."
         )
+    return any(k.startswith("optim.") for k in metadata.state_dict_metadata)
 
 
 __all__ = ["FORMAT", "ShardedCheckpoints"]
