@@ -70,6 +70,8 @@ class Checkpointing:
 
     def _write(self, path: Path | None) -> None:
         """Shards and gathers on every process, then the file on the one given ``path`` (rank 0)."""
+        if path is not None:
+            path.parent.mkdir(parents=True, exist_ok=True)  # the shards' folder goes next to the file
         sharded = self.hooks.save_sharded_state(trainer=self.trainer, model=self.module, optimizers=self.optimizers,
                                                 checkpoint_path=None if path is None else str(path))
         self.hooks.collect_state(trainer=self.trainer)

@@ -677,8 +677,9 @@ def save_sharded_state(
     :param trainer: the Trainer.
     :param model: the user's module (sharded or not).
     :param optimizers: the optimizers of the run.
-    :param checkpoint_path: the file global rank 0 is about to write; ``None`` on the other
-        processes (a strategy broadcasts rank 0's over its group: only rank 0 knows the run folder).
+    :param checkpoint_path: the file global rank 0 is about to write (its folder exists); ``None``
+        on the other processes (a strategy broadcasts rank 0's over its group: only rank 0 knows
+        the run folder).
     :returns: where the shards are: ``{"folder": name, ...}``, ``name`` relative to the checkpoint
         file's folder, other keys the strategy's own (plain values). The checkpoint then stores it
         under ``"sharded_state"``, with the module's state-dict keys and shapes under
