@@ -135,8 +135,8 @@ def tests_fsdp(session: nox.Session) -> None:
 
 @nox.session(name="tests-compile", **VENV)
 def tests_compile(session: nox.Session) -> None:
-    """torchplug-compile's tests (composed with native_amp and ddp on 2 gloo ranks)."""
-    package_tests(session, "torchplug-ddp", "torchplug-native-amp", "torchplug-compile",
+    """torchplug-compile's tests (composed with native_amp and ddp, and with fsdp, on 2 gloo ranks)."""
+    package_tests(session, "torchplug-ddp", "torchplug-native-amp", "torchplug-fsdp", "torchplug-compile",
                   tests=["plugins/compile_plugin/tests"])
 
 

@@ -79,7 +79,7 @@ def expected_fit(epochs: int, n_batches: int, accumulate: int, clip: bool, n_val
             calls += ["reduce"] * val_metrics
             calls += ["on_validation_end", "on_log_metrics"]
         if checkpoint:
-            calls += ["collect_state", "get_state_dicts", "on_save_checkpoint"]
+            calls += ["save_sharded_state", "collect_state", "get_state_dicts", "on_save_checkpoint"]
     calls += ["on_train_end", "on_fit_end", "teardown", "teardown_environment"]
     return calls
 
@@ -99,7 +99,7 @@ def test_hook_order_with_accumulation_clipping_validation_and_checkpoints(tp: An
     fired = {call.split(":")[0] for call in recorder.calls} | {"check_configuration"}
     assert set(HOOK_NAMES) - fired == {"configure_apex", "get_model_from_plugin", "data_parallel_group", "barrier",
                                        "broadcast", "all_gather_object", "load_state_dicts", "on_load_checkpoint",
-                                       "on_exception"}
+                                       "load_sharded_state", "on_exception"}
 
 
 def test_hook_order_without_clipping_validation_or_checkpoints(tp: Any, make_trainer: Any) -> None:

@@ -135,16 +135,20 @@ def _check_container(path: Path) -> None:
 
 def check_matches(checkpoint: Mapping[str, Any], model: nn.Module, path: str | os.PathLike[str]) -> None:
     """Refuse a checkpoint whose weights do not fit ``model`` (names and shapes), before any work."""
-    saved = checkpoint["state_dict"]
+    # A sharded checkpoint (torchplug.sharded) stores the keys and shapes instead of the tensors.
+    sharded = "sharded_state" in checkpoint
+    saved = checkpoint.get("state_dict_shapes") if sharded else checkpoint["state_dict"]
     if not isinstance(saved, Mapping):
-        raise CheckpointError(f"Checkpoint {path} has no model state_dict.")
+        raise CheckpointError(f"Checkpoint {path} has no model {'state_dict_shapes' if sharded else 'state_dict'}.")
+    saved_shapes = {k: tuple(v) if sharded else tuple(v.shape) if isinstance(v, torch.Tensor) else None
+                    for k, v in saved.items()}
     own = model.state_dict()
     missing = [k for k in own if k not in saved]
     unexpected = [k for k in saved if k not in own]
     shapes = [
-        f"{k}: checkpoint {tuple(saved[k].shape)} vs model {tuple(v.shape)}"
+        f"{k}: checkpoint {saved_shapes[k]} vs model {tuple(v.shape)}"
         for k, v in own.items()
-        if isinstance(saved.get(k), torch.Tensor) and isinstance(v, torch.Tensor) and saved[k].shape != v.shape
+        if saved_shapes.get(k) is not None and isinstance(v, torch.Tensor) and saved_shapes[k] != tuple(v.shape)
     ]
     if missing or unexpected or shapes:
         parts = []

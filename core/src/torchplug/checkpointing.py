@@ -1,7 +1,8 @@
 """Checkpoints of a running fit: ``last.ckpt`` at each resume point, on interrupt, and
-``trainer.save_checkpoint``. ``collect_state`` runs on every process first (a sharded
-optimizer or model gathers there); rank 0 then builds the dict (``get_state_dicts`` →
-``on_save_checkpoint``) and writes it atomically (:mod:`torchplug.checkpoint`).
+``trainer.save_checkpoint``. Every process first runs ``save_sharded_state`` (a strategy that
+keeps its state sharded writes its shards there) and ``collect_state`` (a sharded optimizer or
+model gathers there); rank 0 then builds the dict (``get_state_dicts``, unless the state was
+saved sharded → ``on_save_checkpoint``) and writes it atomically (:mod:`torchplug.checkpoint`).
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 from torchplug import __version__
 from torchplug import checkpoint as ckpt
+from torchplug.sharded import state_dict_shapes
 from torchplug.state import training_state
 
 if TYPE_CHECKING:
@@ -38,6 +40,8 @@ class Checkpointing:
     batches: EpochBatches
     losses: LossCheck
     _saved_at: tuple[int, int, int] | None
+    #: where collect_state last gathered the full state (not after a sharded checkpoint)
+    _gathered_at: tuple[int, int, int] | None = None
 
     def checkpoint(self) -> None:
         """``last.ckpt`` of the current position, unless it was just written."""
@@ -46,11 +50,10 @@ class Checkpointing:
         position = (state.epoch, state.batch_in_epoch, state.global_step)
         if not self.trainer.enable_checkpointing or self._saved_at == position:
             return
-        self.hooks.collect_state(trainer=self.trainer)  # every rank: rank 0 alone writes
-        self._saved_at = position
         path = self.outputs.last_checkpoint_path
+        self._write(path)  # every rank: rank 0 alone writes the file
+        self._saved_at = position
         if path is not None:
-            ckpt.save(self.checkpoint_dict(), path)
             self.outputs.last_checkpoint = path
             self.trainer.checkpoint_path = str(path)  # also known when fit ends with an exception
 
@@ -65,10 +68,37 @@ class Checkpointing:
         self._saved_at = None
         self.checkpoint()
 
-    def checkpoint_dict(self) -> dict[str, Any]:
-        """Rank 0's checkpoint, after ``collect_state`` ran on every process."""
-        weights, optimizer_states = self.hooks.get_state_dicts(trainer=self.trainer, model=self.module,
-                                                               optimizers=self.optimizers)
+    def _write(self, path: Path | None) -> None:
+        """Shards and gathers on every process, then the file on the one given ``path`` (rank 0)."""
+        if path is not None:
+            path.parent.mkdir(parents=True, exist_ok=True)  # the shards' folder goes next to the file
+        sharded = self.hooks.save_sharded_state(trainer=self.trainer, model=self.module, optimizers=self.optimizers,
+                                                checkpoint_path=None if path is None else str(path))
+        self.hooks.collect_state(trainer=self.trainer)
+        state = self.state
+        self._gathered_at = (state.epoch, state.batch_in_epoch, state.global_step) if sharded is None else None
+        if path is not None:
+            ckpt.save(self.checkpoint_dict(sharded), path)
+
+    def final_state_dict(self) -> dict[str, Any] | None:
+        """The trained weights a fit in worker processes hands back (rank 0's; ``None`` elsewhere),
+        gathered on every process unless the last checkpoint's ``collect_state`` just did."""
+        state = self.state
+        if self._gathered_at != (state.epoch, state.batch_in_epoch, state.global_step):
+            self.hooks.collect_state(trainer=self.trainer)  # every rank
+        if not self.trainer.is_global_zero:
+            return None
+        weights, _ = self.hooks.get_state_dicts(trainer=self.trainer, model=self.module, optimizers=self.optimizers)
+        return weights
+
+    def checkpoint_dict(self, sharded: dict[str, Any] | None = None) -> dict[str, Any]:
+        """Rank 0's checkpoint, after ``collect_state`` ran on every process; ``sharded``: what
+        ``save_sharded_state`` answered (the model and optimizer state is in its folder)."""
+        if sharded is None:
+            weights, optimizer_states = self.hooks.get_state_dicts(trainer=self.trainer, model=self.module,
+                                                                   optimizers=self.optimizers)
+        else:
+            weights, optimizer_states = {}, []
         checkpoint: dict[str, Any] = {
             "torchplug_checkpoint": ckpt.FORMAT_VERSION,
             "torchplug_version": __version__,
@@ -80,14 +110,15 @@ class Checkpointing:
             "plan": self.trainer.plan.to_dict(),
             "world_size": self.trainer.world_size,
         }
+        if sharded is not None:
+            checkpoint["sharded_state"] = sharded
+            checkpoint["state_dict_shapes"] = state_dict_shapes(self.module)  # checked against a model before work
         self.hooks.on_save_checkpoint(trainer=self.trainer, checkpoint=checkpoint)
         return checkpoint
 
     def save_checkpoint(self, path: Path | None) -> None:
-        """``trainer.save_checkpoint``: gather on every process, write on rank 0 (``path`` given)."""
-        self.hooks.collect_state(trainer=self.trainer)
-        if path is not None:
-            ckpt.save(self.checkpoint_dict(), path)
+        """``trainer.save_checkpoint``: shards and gathers on every process, the file on rank 0 (``path`` given)."""
+        self._write(path)
 
 
 __all__ = ["Checkpointing"]

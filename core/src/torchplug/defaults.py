@@ -14,6 +14,7 @@ import torch
 from torch import nn
 from torch.optim import Optimizer
 
+from torchplug.errors import CheckpointError
 from torchplug.hookspecs import hookimpl
 from torchplug.utils import first_parameter, move_to_device, optimizer_params
 
@@ -111,6 +112,17 @@ def load_state_dicts(model: nn.Module, optimizers: list[Optimizer], state_dict: 
     for optimizer, state in zip(optimizers, optimizer_states):
         optimizer.load_state_dict(state)
     return True
+
+
+@hookimpl(trylast=True)
+def load_sharded_state(folder: str, reference: dict[str, Any]) -> bool:
+    # Trainer.fit refuses such a resume before any work when no plugin implements the hook;
+    # this answers a plugin that implements it and defers.
+    raise CheckpointError(
+        f"The checkpoint's model and optimizer state is sharded in {folder} "
+        f"({reference.get('format', 'unknown format')}, written by {reference.get('plugin', 'an unnamed plugin')}), "
+        "and no plugin of this run reads it: resume with the strategy that wrote it."
+    )
 
 
 @hookimpl(trylast=True)

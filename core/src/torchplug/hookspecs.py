@@ -668,6 +668,54 @@ def load_state_dicts(
     """
 
 
+@hookspec(firstresult=True)
+def save_sharded_state(
+    trainer: Trainer, model: nn.Module, optimizers: list[Optimizer], checkpoint_path: str | None
+) -> dict[str, Any] | None:
+    """Write the module's and optimizers' state as shards, every process its own, next to the checkpoint file.
+
+    :param trainer: the Trainer.
+    :param model: the user's module (sharded or not).
+    :param optimizers: the optimizers of the run.
+    :param checkpoint_path: the file global rank 0 is about to write (its folder exists); ``None``
+        on the other processes (a strategy broadcasts rank 0's over its group: only rank 0 knows
+        the run folder).
+    :returns: where the shards are: ``{"folder": name, ...}``, ``name`` relative to the checkpoint
+        file's folder, other keys the strategy's own (plain values). The checkpoint then stores it
+        under ``"sharded_state"``, with the module's state-dict keys and shapes under
+        ``"state_dict_shapes"``, and no full state dicts (``get_state_dicts`` is not asked for it).
+        ``None``: a checkpoint with full state dicts. Default: ``None``.
+
+    Convention: firstresult, on EVERY process each time a checkpoint is written, before
+    ``collect_state``; it may run collectives, and every process answers alike (a reference
+    everywhere or ``None`` everywhere). A strategy that saved here need not gather the module and
+    optimizers in the ``collect_state`` that follows; the weights a fit in worker processes hands
+    back are gathered by another ``collect_state``, after the last checkpoint.
+    """
+
+
+@hookspec(firstresult=True)
+def load_sharded_state(
+    trainer: Trainer, model: nn.Module, optimizers: list[Optimizer], folder: str, reference: dict[str, Any]
+) -> bool | None:
+    """Load the sharded state of a checkpoint (what ``save_sharded_state`` wrote) at this run's world size.
+
+    :param trainer: the Trainer.
+    :param model: the user's module, set up (transformed, sharded) as it will train.
+    :param optimizers: the optimizers, after ``connect_precision``.
+    :param folder: the shards' folder, resolved next to the checkpoint file (the core checked that
+        it exists before any work started).
+    :param reference: what ``save_sharded_state`` returned, as the checkpoint stored it.
+    :returns: ``True`` once loaded, or ``None`` to defer. Default: a
+        :class:`torchplug.CheckpointError` saying that no plugin of this run reads the folder.
+
+    Convention: firstresult, on EVERY process when a fit resumes from a checkpoint with
+    ``"sharded_state"``, instead of ``load_state_dicts`` and before ``on_load_checkpoint``; it may
+    run collectives. Shards of another model raise a :class:`torchplug.CheckpointError` naming
+    the folder.
+    """
+
+
 @hookspec
 def on_save_checkpoint(trainer: Trainer, checkpoint: dict[str, Any]) -> None:
     """A checkpoint is being written: add this plugin's state.

@@ -23,8 +23,10 @@ step happens. An epoch is a sequence of accumulation windows (:mod:`torchplug.da
           → on_validation_batch_end
         → validation_epoch_end(outputs) → on_validation_epoch_end → reduce → on_validation_end → on_log_metrics
     → LR schedulers (interval "epoch") → [should_stop reduced across ranks]
-    → last.ckpt (collect_state on every rank → get_state_dicts → on_save_checkpoint)
-    after the last epoch: [a launched copy: collect_state → get_state_dicts, the weights handed back]
+    → last.ckpt (every rank: save_sharded_state → collect_state; rank 0: get_state_dicts unless
+      the state was saved sharded → on_save_checkpoint)
+    after the last epoch: [a launched copy: collect_state (unless the last checkpoint gathered) →
+      get_state_dicts, the weights handed back]
         → on_train_end → on_fit_end
 
 The user's module implements these hooks like any plugin and runs after the plugins
@@ -292,11 +294,7 @@ class FitLoop(Checkpointing):
         self.outputs.progress.close()
         self.checkpoint()
         if self.trainer.launched_copy:  # the weights go back to the process that called fit
-            if self._saved_at != (self.state.epoch, self.state.batch_in_epoch, self.state.global_step):
-                self.hooks.collect_state(trainer=self.trainer)  # every rank; checkpoint() did not
-            if self.trainer.is_global_zero:
-                self.final_weights, _ = self.hooks.get_state_dicts(trainer=self.trainer, model=self.module,
-                                                                   optimizers=self.optimizers)
+            self.final_weights = self.final_state_dict()
         self.hooks.on_train_end(trainer=self.trainer)
         self.hooks.on_fit_end(trainer=self.trainer, model=self.module)
 

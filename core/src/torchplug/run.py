@@ -6,7 +6,8 @@ worker, a torchrun rank)::
     setup_environment → world_size/global_rank → [all_gather_object: the plan handshake, with
     several processes] → setup("fit") → prepare (root_device → model_init_context
     → model_transforms → setup_optimizers … configure_ddp) → the run folder
-    → [load_state_dicts → on_load_checkpoint when resuming] → FitLoop.train
+    → [load_state_dicts (load_sharded_state for sharded state) → on_load_checkpoint when resuming]
+    → FitLoop.train
     on KeyboardInterrupt: last.ckpt of the last completed step → on_exception → re-raise
     on an error: a note saying where it happened → on_exception → the outputs closed (an
         empty run folder removed) → re-raised, as PluginHookError when a plugin raised it
@@ -32,6 +33,7 @@ from torchplug.module import MetricStore
 from torchplug.outputs import RunOutputs
 from torchplug.prepare import Prepared, attach_metrics, prepare
 from torchplug.provenance import check_resume_world_size
+from torchplug.sharded import FOLDER_KEY
 from torchplug.signals import StopRequest
 from torchplug.state import Position, RunState, load_training_state
 
@@ -157,7 +159,13 @@ class FitRun:
                 check_resume_world_size(self.resume, trainer.world_size)
             module, optimizers = loop.module, loop.optimizers
 
+            resume = self.resume
+
             def load(weights: dict[str, Any], states: list[dict[str, Any]]) -> None:
+                if "sharded_state" in resume:  # the model and optimizer state is in the shards' folder
+                    hooks.load_sharded_state(trainer=trainer, model=module, optimizers=optimizers,
+                                             folder=resume[FOLDER_KEY], reference=resume["sharded_state"])
+                    return
                 hooks.load_state_dicts(trainer=trainer, model=module, optimizers=optimizers, state_dict=weights,
                                        optimizer_states=states)
 

@@ -100,7 +100,8 @@ def load_training_state(data: Mapping[str, Any], optimizers: list[Optimizer], sc
     """Load what :func:`training_state` saved, the weights and optimizer states through ``load``
     (the ``load_state_dicts`` hook); a mismatch is a :class:`CheckpointError`."""
     try:
-        if len(data["optimizer_states"]) != len(optimizers):
+        # sharded state (torchplug.sharded): the optimizers' state is in the shards, which ``load`` reads
+        if "sharded_state" not in data and len(data["optimizer_states"]) != len(optimizers):
             raise CheckpointError(
                 f"The checkpoint has {len(data['optimizer_states'])} optimizer states, "
                 f"configure_optimizers() made {len(optimizers)}."

@@ -37,6 +37,7 @@ from torchplug.plugin import Role
 from torchplug.prepare import check_module, resolve_loaders
 from torchplug.provenance import check_resume_plan
 from torchplug.run import FitOutcome, FitRun, validate_only
+from torchplug.sharded import FOLDER_KEY, resolve_folder
 from torchplug.state import SchedulerConfig, already_finished, resume_point
 from torchplug.trainer_api import PluginFacingTrainer
 
@@ -299,6 +300,7 @@ class Trainer(PluginFacingTrainer):
             # Read and match against the model before any work: a bad file fails here.
             resume = ckpt.load(ckpt_path, weights_only=self.checkpoint_weights_only)
             ckpt.check_matches(resume, model, ckpt_path)
+            resolve_folder(resume, ckpt_path, self.pm)  # sharded state: its folder, and a plugin that reads it
             check_resume_plan(self.plan, resume, ckpt_path, strict=self.resume_plan == "strict")
             if already_finished(resume, self.max_epochs, self.max_steps):
                 self._finished_already(model, resume, ckpt_path)
@@ -324,7 +326,10 @@ class Trainer(PluginFacingTrainer):
             f"max_epochs={self.max_epochs}, max_steps={self.max_steps}"
         _say(f"torchplug: {path} is at {resume_point(resume)}, where this run ends ({limits}): nothing to train, "
              "nothing written. Raise max_epochs/max_steps to train on.")
-        model.load_state_dict(resume["state_dict"])
+        if FOLDER_KEY in resume:  # loading shards takes the strategy's processes: the module stays as given
+            _say(f"torchplug: the weights of {path} are sharded in {resume[FOLDER_KEY]}; the model is left as given.")
+        else:
+            model.load_state_dict(resume["state_dict"])
         self._run = None
         self._outcome = FitOutcome(
             global_step=int(resume["global_step"]), current_epoch=int(resume["epoch"]),

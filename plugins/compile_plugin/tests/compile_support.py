@@ -30,5 +30,7 @@ class SetupProbe(Plugin):
         inner = getattr(getattr(model, "module", None), "module", None)  # DDP(TrainingStepModule(module))
         seen = {"transforms": trainer.model_transforms, "wrapper": type(model).__name__,
                 "wraps_the_module": inner is module, "step_compiled": "training_step" in module.__dict__,
+                "root_of_the_module": getattr(model, "module", None) is module,  # FSDP's root TrainingStepModule
+                "sharded": any(type(p).__name__ == "DTensor" for p in module.parameters()),
                 "keys": sorted(module.state_dict())}
         Path(self.out_dir, f"setup-rank{trainer.global_rank}-{os.getpid()}.json").write_text(json.dumps(seen))

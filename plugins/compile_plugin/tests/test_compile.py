@@ -1,5 +1,6 @@
-"""CompilePlugin: the compiled step trains to the eager run's weights, alone and composed with
-native_amp bf16 and ddp on 2 gloo ranks (CPU, ``backend="aot_eager"``), in the documented order."""
+"""CompilePlugin: the compiled step trains to the eager run's weights, alone, composed with
+native_amp bf16 and ddp, and with fsdp, on 2 gloo ranks (CPU, ``backend="aot_eager"``), in the
+documented order."""
 
 from __future__ import annotations
 
@@ -53,6 +54,28 @@ def test_compile_with_bf16_and_ddp_trains_like_the_eager_run(tmp_path: Path) -> 
         assert rank["wrapper"] == "DistributedDataParallel"
         assert rank["wraps_the_module"]
         assert rank["step_compiled"]
+        assert not any("_orig_mod" in key for key in rank["keys"])
+
+
+@pytest.mark.timeout(300)
+def test_compile_with_fsdp_trains_like_eager_fsdp_compiling_before_sharding(tmp_path: Path) -> None:
+    model = TinyMLP()
+    Trainer(**quiet(devices=2, strategy="fsdp", accumulate_grad_batches=2, gradient_clip_val=0.1,
+                    plugins=[CompilePlugin(backend="aot_eager"), SetupProbe(str(tmp_path))])).fit(
+        model, tiny_loader(n=N, batch_size=MICRO))
+    eager_model = TinyMLP()
+    Trainer(**quiet(devices=2, strategy="fsdp", accumulate_grad_batches=2, gradient_clip_val=0.1)).fit(
+        eager_model, tiny_loader(n=N, batch_size=MICRO))
+    assert not torch.equal(parameters_vector(model), parameters_vector(TinyMLP()))
+    assert float((parameters_vector(model) - parameters_vector(eager_model)).abs().max()) < 1e-5
+    seen = [json.loads(p.read_text()) for p in sorted(tmp_path.glob("setup-rank*.json"))]
+    assert len(seen) == 2
+    for rank in seen:
+        # the declared order: compile, then shard (fully_shard on the compiled module's parameters)
+        assert rank["transforms"] == [["compile", "compile"], ["shard", "fsdp"]]
+        assert rank["root_of_the_module"]  # the FSDP root runs the module's (compiled) training_step
+        assert rank["step_compiled"]
+        assert rank["sharded"]
         assert not any("_orig_mod" in key for key in rank["keys"])
 
 

@@ -18,7 +18,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.distributed.tensor import DTensor
 
-from torchplug import Plugin
+from torchplug import Plugin, hookimpl
 
 COUNTED = ("reduce_scatter_single", "reduce_scatter_tensor", "all_reduce")
 
@@ -71,3 +71,36 @@ class CollectiveCounter(Plugin):
         self.seen["per_batch"] = self.per_batch
         path = Path(self.out_dir) / f"counts-rank{trainer.global_rank}-{os.getpid()}.json"
         path.write_text(json.dumps(self.seen))
+
+
+class ClipProbe(Plugin):
+    """Records, per window, what ``clip_gradients`` answered and the clipped full gradients
+    (gathered on every rank: ``full_tensor`` is a collective, called in the same order everywhere)."""
+
+    plugin_name = "clip_probe"
+
+    def __init__(self, out_dir: str) -> None:
+        self.out_dir = out_dir
+        self.windows: list[dict[str, Any]] = []
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"out_dir": self.out_dir}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__init__(state["out_dir"])  # type: ignore[misc]
+
+    @hookimpl(wrapper=True)
+    def clip_gradients(self) -> Any:
+        norm = yield
+        self.windows.append({"norm": float(norm)})
+        return norm
+
+    def on_before_zero_grad(self, trainer: Any) -> None:
+        grads = {}
+        for name, p in trainer.lightning_module.named_parameters():
+            g = p.grad
+            grads[name] = (g.full_tensor() if isinstance(g, DTensor) else g).flatten().tolist()
+        self.windows[-1]["grads"] = grads
+
+    def on_fit_end(self, trainer: Any) -> None:
+        Path(self.out_dir, f"clip-rank{trainer.global_rank}-{os.getpid()}.json").write_text(json.dumps(self.windows))

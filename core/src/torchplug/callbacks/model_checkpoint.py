@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Any
 
 from torchplug.callbacks._common import StatefulCallback, check_mode, improved, monitored, state_key
 from torchplug.errors import MisconfigurationError
+from torchplug.sharded import remove_checkpoint
 
 if TYPE_CHECKING:
     from torchplug.trainer import Trainer
@@ -212,7 +213,7 @@ class ModelCheckpoint(StatefulCallback):
         self.best_model_score = None if self.monitor is None else self.best_k_models[ranked[0]]
         trainer.save_checkpoint(path)  # with the bookkeeping above in it: a resume continues from here
         if dropped is not None and dropped != path and trainer.is_global_zero:
-            Path(dropped).unlink(missing_ok=True)  # only once the new file is complete
+            remove_checkpoint(dropped)  # only once the new file is complete; with its sharded state folder
         if self.verbose and trainer.is_global_zero:
             print(f"ModelCheckpoint: saved {path} ({self.monitor}={score:.6g})")
 

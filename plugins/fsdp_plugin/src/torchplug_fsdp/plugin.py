@@ -17,6 +17,7 @@ from torch.optim import Optimizer
 from torchplug import MisconfigurationError, ModelTransform, TrainingStepModule, hookimpl
 from torchplug.utils import optimizer_params
 from torchplug_ddp import DDPPlugin
+from torchplug_fsdp.sharded import ShardedCheckpoints
 
 if TYPE_CHECKING:
     from torch.distributed.device_mesh import DeviceMesh
@@ -37,6 +38,11 @@ class FSDPPlugin(DDPPlugin):
     :param timeout: as ``DDPPlugin``: seconds a collective may wait.
     :param backend: as ``DDPPlugin``: ``"gloo"`` on CPU, ``"nccl"`` on CUDA by default.
     :param start_method: as ``DDPPlugin``.
+    :param checkpoint: ``"full"`` (default): checkpoints hold full state dicts, gathered to rank 0.
+        ``"sharded"``: every rank writes its shards of the model and optimizer state with
+        ``torch.distributed.checkpoint`` (DCP) into a folder next to the checkpoint file
+        (``last.ckpt.<step>-<id>.dcp``), which keeps the run state and names the folder; no gather.
+        Either kind resumes at any world size (:mod:`torchplug_fsdp.sharded`).
     :param fsdp_kwargs: passed to every ``fully_shard`` call (``reshard_after_forward``, ...);
         ``mp_policy`` is refused (use the precision plugin), unknown names too.
 
@@ -49,9 +55,16 @@ class FSDPPlugin(DDPPlugin):
     """
 
     def __init__(self, *, wrap: Sequence[type[nn.Module]] | None = None, timeout: float = 120.0,
-                 backend: str | None = None, start_method: str = "spawn", **fsdp_kwargs: Any) -> None:
+                 backend: str | None = None, start_method: str = "spawn", checkpoint: str = "full",
+                 **fsdp_kwargs: Any) -> None:
         super().__init__(timeout=timeout, backend=backend, start_method=start_method)
         name = type(self).__name__
+        if checkpoint not in ("full", "sharded"):
+            raise MisconfigurationError(
+                f"{name} (torchplug-fsdp): checkpoint={checkpoint!r}; use 'full' (full state dicts gathered to "
+                "rank 0) or 'sharded' (every rank writes its shards with torch.distributed.checkpoint)."
+            )
+        self.checkpoint = checkpoint
         for key, why in _REFUSED.items():
             if key in fsdp_kwargs:
                 raise MisconfigurationError(f"{name} (torchplug-fsdp): {key} is not accepted: {why}.")
@@ -72,9 +85,12 @@ class FSDPPlugin(DDPPlugin):
     def _forget(self) -> None:
         self._root: nn.Module | None = None
         self._gathered: tuple[dict[str, Any], list[dict[str, Any]]] | None = None
+        self._shards = ShardedCheckpoints()
 
     def __repr__(self) -> str:
         args = [f"timeout={self.timeout:g}"] + [f"{k}={v!r}" for k, v in self.fsdp_kwargs.items()]
+        if self.checkpoint != "full":
+            args.append(f"checkpoint={self.checkpoint!r}")
         if self.wrap is not None:
             args.insert(0, f"wrap=({', '.join(c.__name__ for c in self.wrap)},)")
         return f"{type(self).__name__}({', '.join(args)})"
@@ -83,6 +99,7 @@ class FSDPPlugin(DDPPlugin):
         state = super().__getstate__()
         state.pop("_root", None)
         state.pop("_gathered", None)
+        state.pop("_shards", None)
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
@@ -147,8 +164,30 @@ class FSDPPlugin(DDPPlugin):
 
     # -- 5. checkpoints -----------------------------------------------------------------------
 
+    def save_sharded_state(self, trainer: Trainer, model: nn.Module, optimizers: list[Optimizer],
+                           checkpoint_path: str | None) -> dict[str, Any] | None:
+        """``checkpoint="sharded"``: every rank writes its shards (DCP); the checkpoint references the folder."""
+        if self.checkpoint != "sharded":
+            return None
+        return self._shards.save(trainer, model, optimizers, checkpoint_path, self._group())
+
+    def load_sharded_state(self, trainer: Trainer, model: nn.Module, optimizers: list[Optimizer], folder: str,
+                           reference: dict[str, Any]) -> bool | None:
+        """Shards of any world size, resharded by DCP to this run's (with either ``checkpoint`` setting)."""
+        return self._shards.load(model, optimizers, folder, reference, self._group())
+
+    def _group(self) -> Any:
+        """The group DCP coordinates over, or ``None`` for one process without a group."""
+        if self._world_size <= 1 or not (dist.is_available() and dist.is_initialized()):
+            return None
+        return self.process_group if self.process_group is not None else dist.group.WORLD
+
     def collect_state(self, trainer: Trainer) -> None:
-        """Every rank gathers the full tensors (collectives in the same order everywhere); rank 0 keeps them."""
+        """Every rank gathers the full tensors (collectives in the same order everywhere); rank 0 keeps them.
+        Not for a checkpoint just saved sharded: its state is in the shards."""
+        if self._shards.take_saved():
+            self._gathered = None
+            return
         if self._root is None:
             return
         module = self.get_model_from_plugin(self._root)
