@@ -139,6 +139,10 @@ class TrainingModule(nn.Module):
     def configure_optimizers(self) -> Any:
         raise NotImplementedError(f"{type(self).__name__} must define configure_optimizers()")
 
+    def predict_step(self, batch: Any, batch_idx: int, dataloader_idx: int | None = None) -> Any:
+        """``Trainer.predict``'s step; Lightning's default: the module's forward on the batch."""
+        return self(batch)
+
     #: Lightning's switch: False hands optimization to ``training_step`` (``self.optimizers()``,
     #: ``self.manual_backward(loss)``, ``opt.step()``); see :mod:`torchplug.optimization`.
     automatic_optimization: bool = True
