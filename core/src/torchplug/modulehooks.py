@@ -36,6 +36,7 @@ if TYPE_CHECKING:
 #: The name the adapter is registered under (``Hooks.wrap_error`` lets its errors through unchanged).
 PLUGIN_NAME = "torchplug.module"
 DATAMODULE_PLUGIN_NAME = "torchplug.datamodule"
+HPARAMS_PLUGIN_NAME = "torchplug.hparams"
 
 Call = Callable[..., None]
 
@@ -257,10 +258,12 @@ def registered(trainer: Trainer, module: nn.Module, datamodule: Any = None) -> I
     """The module's hooks (and a datamodule's checkpoint state, :mod:`torchplug.datamodule`)
     registered with the trainer's plugins for the block (a fit in this process: spawned workers
     register their own copy of the module)."""
-    from torchplug.datamodule import checkpoint_plugin
+    from torchplug import datamodule as dm
+    from torchplug import hparams
 
-    plugins = [(p, name) for p, name in ((module_plugin(module), PLUGIN_NAME), (
-        checkpoint_plugin(datamodule) if datamodule is not None else None, DATAMODULE_PLUGIN_NAME)) if p is not None]
+    candidates = ((module_plugin(module), PLUGIN_NAME), (hparams.checkpoint_plugin(module), HPARAMS_PLUGIN_NAME),
+                  (dm.checkpoint_plugin(datamodule) if datamodule is not None else None, DATAMODULE_PLUGIN_NAME))
+    plugins = [(p, name) for p, name in candidates if p is not None]
     if not plugins:
         yield
         return
