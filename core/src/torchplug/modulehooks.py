@@ -47,7 +47,8 @@ def _optimizer_index(trainer: Trainer, optimizer: Any) -> int:
 
 # module hook → the implementation, given ``f`` (the module's method, cut to its arity). Each
 # implementation names the hookspec arguments it needs (pluggy passes those, by their names) and
-# gives the method Lightning's positional arguments; dataloader_idx is 0 (one loader).
+# gives the method Lightning's positional arguments; dataloader_idx is 0 in fit (one loader each), the
+# loader's index in test and predict.
 MODULE_HOOKS: dict[str, Callable[[Call], Call]] = {
     "setup": lambda f: lambda stage: f(stage),
     "teardown": lambda f: lambda stage: f(stage),
