@@ -118,10 +118,14 @@ def test_prepare_data_runs_on_the_machine_s_first_process_only(tp: Any, make_tra
 
 def test_refusals_before_any_work(tp: Any, make_trainer: Any, tmp_path: Path) -> None:
     trainer = make_trainer(max_epochs=1)
+    dm = Digits(tp)
     with pytest.raises(torchplug.MisconfigurationError, match="train_dataloaders and val_dataloaders and datamodule"):
-        trainer.fit(tp.fresh_net(), tp.loader(), tp.loader(), datamodule=Digits(tp))
+        trainer.fit(tp.fresh_net(), tp.loader(), tp.loader(), datamodule=dm)
     with pytest.raises(torchplug.MisconfigurationError, match="both dataloaders= and datamodule=Digits"):
-        trainer.validate(tp.fresh_net(), tp.loader(), datamodule=Digits(tp))
+        trainer.validate(tp.fresh_net(), tp.loader(), datamodule=dm)
+    with pytest.raises(torchplug.MisconfigurationError, match="both dataloaders= and datamodule=Digits"):
+        trainer.predict(tp.fresh_net(), tp.loader(), datamodule=dm)
+    assert dm.calls == []  # refused before prepare_data/setup
 
     class Typo(Digits):
         def train_dataloder(self) -> Any:

@@ -148,6 +148,8 @@ def validate(trainer: Trainer, model: nn.Module | None, dataloaders: Any, datamo
     module = the_module(trainer, model, "validate")
     check_module(module, need_validation=True)
     check_module_methods(module)
+    if dataloaders is not None and datamodule is not None:  # refused before prepare_data/setup run
+        one_loader(dataloaders, datamodule, "val_dataloader")
     with staged(datamodule, "validate"):
         _, loader = resolve_loaders(module, None, one_loader(dataloaders, datamodule, "val_dataloader"),
                                     need_train=False)
@@ -175,10 +177,12 @@ def test(trainer: Trainer, model: nn.Module | None, dataloaders: Any, ckpt_path:
     module = the_module(trainer, model, "test")
     check_module(module, need=("test_step",))
     check_module_methods(module)
+    if dataloaders is not None and datamodule is not None:  # refused before prepare_data/setup run
+        loaders_of(module, dataloaders, datamodule, "test")
+    if ckpt_path is not None:  # a bad file fails before any work
+        load_weights(trainer, module, ckpt_path, "test")
     with staged(datamodule, "test"):
         loaders = loaders_of(module, dataloaders, datamodule, "test")
-        if ckpt_path is not None:
-            load_weights(trainer, module, ckpt_path, "test")
         function = functools.partial(run_in_process, trainer, module, loaders, "test", True)
         try:
             results: list[dict[str, float]] = trainer.hooks.launch(trainer=trainer, function=function)
@@ -202,10 +206,12 @@ def predict(trainer: Trainer, model: nn.Module | None, dataloaders: Any, datamod
     check_module_methods(module)
     if not isinstance(return_predictions, bool):
         raise MisconfigurationError(f"return_predictions must be True or False, got {return_predictions!r}")
+    if dataloaders is not None and datamodule is not None:  # refused before prepare_data/setup run
+        loaders_of(module, dataloaders, datamodule, "predict")
+    if ckpt_path is not None:  # a bad file fails before any work
+        load_weights(trainer, module, ckpt_path, "predict")
     with staged(datamodule, "predict"):
         loaders = loaders_of(module, dataloaders, datamodule, "predict")
-        if ckpt_path is not None:
-            load_weights(trainer, module, ckpt_path, "predict")
         outputs: list[list[Any]] = run_in_process(trainer, module, loaders, "predict", False, keep=return_predictions)
     trainer.model = module
     if not return_predictions:

@@ -286,6 +286,8 @@ class Trainer(PluginFacingTrainer):
         (also after multi-process runs), and ``global_step``, ``current_epoch`` and ``callback_metrics`` are set."""
         check_module(model)
         check_module_methods(model)
+        if datamodule is not None and (train_dataloaders is not None or val_dataloaders is not None):
+            datamodule_loaders(datamodule, train_dataloaders, val_dataloaders)  # refused before prepare_data runs
         with staged(datamodule, "fit"):  # prepare_data, setup("fit") ... teardown("fit")
             self._fit(model, *datamodule_loaders(datamodule, train_dataloaders, val_dataloaders), ckpt_path, datamodule)
 
