@@ -302,7 +302,7 @@ def test_subset_and_defaulted_extra_arguments_are_accepted() -> None:
 
 
 @pytest.mark.parametrize("method", ["clip_gradient", "on_before_foward", "configure_dpp", "worldsize",
-                                    "on_train_batch_begin", "on_test_epoch_end", "backwards"])
+                                    "on_train_batch_begin", "on_test_epoch_ends", "backwards"])
 def test_near_miss_method_names_on_plugin_subclasses_are_rejected(method: str) -> None:
     def body(self: Any) -> None:
         return None

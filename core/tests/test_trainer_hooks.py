@@ -99,7 +99,49 @@ def test_hook_order_with_accumulation_clipping_validation_and_checkpoints(tp: An
     fired = {call.split(":")[0] for call in recorder.calls} | {"check_configuration"}
     assert set(HOOK_NAMES) - fired == {"configure_apex", "get_model_from_plugin", "data_parallel_group", "barrier",
                                        "broadcast", "all_gather_object", "load_state_dicts", "on_load_checkpoint",
-                                       "load_sharded_state", "on_exception"}
+                                       "load_sharded_state", "on_exception"} | TEST_AND_PREDICT_HOOKS
+
+
+#: The hooks of Trainer.test and Trainer.predict (evalrun.py), which a fit never calls.
+TEST_AND_PREDICT_HOOKS = {name for name in HOOK_NAMES if name.startswith(("on_test_", "on_predict_"))} | {
+    "test_epoch_end"}
+
+
+def expected_eval(stage: str, n_batches: list[int], metrics: int = 0) -> list[str]:
+    """Trainer.test/Trainer.predict's documented order (evalrun.py's docstring), written out:
+    test runs through launch and the environment hooks, predict in this process."""
+    calls = ["launch", "setup_environment", "world_size", "global_rank"] if stage == "test" else []
+    calls += ["setup", "root_device", f"on_{stage}_start", f"on_{stage}_epoch_start"]
+    for n in n_batches:
+        for i in range(n):
+            calls += [f"on_{stage}_batch_start", f"on_before_forward:{i}", "forward_context", f"on_{stage}_batch_end"]
+    if stage == "test":
+        calls += ["test_epoch_end", "on_test_epoch_end", *["reduce"] * metrics, "on_test_end", "teardown",
+                  "teardown_environment"]
+    else:
+        calls += ["on_predict_epoch_end", "on_predict_end", "teardown"]
+    return calls
+
+
+def test_hook_order_of_test_and_predict(tp: Any, make_trainer: Any) -> None:
+    class Tested(tp.Net):  # type: ignore[name-defined,misc]
+        def test_step(self, batch: Any, batch_idx: int, dataloader_idx: int) -> None:
+            self.log("test_loss", torch.nn.functional.cross_entropy(self(batch[0]), batch[1]))
+
+        def predict_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+            return self(batch[0])
+
+    recorder = Recorder()
+    trainer = make_trainer(plugins=[recorder], logger=False)
+    recorder.calls.clear()
+    results = trainer.test(Tested(), [tp.loader(n=16, shuffle=False), tp.loader(n=8, shuffle=False)], verbose=False)
+    assert [sorted(r) for r in results] == [["test_loss/dataloader_idx_0"], ["test_loss/dataloader_idx_1"]]
+    assert recorder.calls == expected_eval("test", [2, 1], metrics=2)
+    recorder.calls.clear()
+    trainer.predict(Tested(), tp.loader(n=24, shuffle=False))
+    assert recorder.calls == expected_eval("predict", [3])
+    fired = {call.split(":")[0] for call in recorder.calls} | set(expected_eval("test", [1]))
+    assert fired >= TEST_AND_PREDICT_HOOKS
 
 
 def test_hook_order_without_clipping_validation_or_checkpoints(tp: Any, make_trainer: Any) -> None:

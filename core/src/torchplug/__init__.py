@@ -40,6 +40,7 @@ from torchplug.hookspecs import hookimpl, hookspec
 from torchplug.plugin import Plugin
 
 if TYPE_CHECKING:
+    from torchplug.datamodule import DataModule
     from torchplug.manager import PluginManager, get_plugin_manager
     from torchplug.module import TrainingModule
     from torchplug.run import FitOutcome
@@ -51,6 +52,7 @@ if TYPE_CHECKING:
 # Names that need torch load on first use, so `import torchplug` (and `torchplug plugins`, which
 # only reads metadata) does not pay for importing torch.
 _LAZY = {
+    "DataModule": "torchplug.datamodule",
     "PluginManager": "torchplug.manager",
     "get_plugin_manager": "torchplug.manager",
     "TrainingModule": "torchplug.module",
@@ -75,6 +77,7 @@ def __getattr__(name: str) -> Any:
 
 __all__ = [
     "CheckpointError",
+    "DataModule",
     "FitOutcome",
     "MisconfigurationError",
     "ModelTransform",

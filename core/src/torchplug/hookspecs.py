@@ -10,7 +10,8 @@ Hooks are grouped by the phase in which the core calls them, in calling order:
                             ``backward``, ``unscale_gradients``, ``clip_gradients``, ``optimizer_step``)
 4. collectives             (``barrier``, ``broadcast``, ``all_gather_object``, ``reduce``)
 5. user events             (``on_fit_start`` … ``on_exception``), including checkpoint state
-6. Lightning's events      (``setup`` … ``on_validation_epoch_end``): the module's hooks
+6. Lightning's events      (``setup`` … ``on_validation_epoch_end``, ``on_test_*``, ``on_predict_*``):
+                            the module's hooks
 
 Calling conventions (pluggy calls every hook by keyword):
 
@@ -780,7 +781,7 @@ def setup(trainer: Trainer, stage: str) -> None:
     """The run is about to set up the model: build layers or load data that need the process.
 
     :param trainer: the Trainer; ``world_size`` and ``global_rank`` are known.
-    :param stage: ``"fit"`` or ``"validate"``.
+    :param stage: ``"fit"``, ``"validate"``, ``"test"`` or ``"predict"``.
 
     Convention: all called, once per process, after ``setup_environment`` and before
     ``root_device`` (so layers made here are moved to the device and get optimizers).
@@ -793,7 +794,7 @@ def teardown(trainer: Trainer, stage: str) -> None:
     """The run is over: release what ``setup`` acquired.
 
     :param trainer: the Trainer.
-    :param stage: ``"fit"`` or ``"validate"``, as ``setup`` got.
+    :param stage: ``"fit"``, ``"validate"``, ``"test"`` or ``"predict"``, as ``setup`` got.
 
     Convention: all called, once per process, after ``on_fit_end`` (also after an exception, after
     ``on_exception``) and before ``teardown_environment``. Lightning module: ``teardown(self, stage)``.
@@ -966,6 +967,167 @@ def on_validation_epoch_end(trainer: Trainer) -> None:
     Convention: all called, before the metrics are reduced and ``on_validation_end`` runs.
     """
 
+
+
+# The test and predict loops (``Trainer.test``/``Trainer.predict``, torchplug.evaluation): the
+# validation loop's order, with Lightning's names. ``dataloader_idx`` is the loader's index when
+# several were given (0 with one).
+
+
+@hookspec
+def on_test_start(trainer: Trainer) -> None:
+    """A test run (``Trainer.test``) starts, after ``setup(stage="test")``.
+
+    :param trainer: the Trainer.
+
+    Convention: all called, once per test run, in every process of it.
+    """
+
+
+@hookspec
+def on_test_epoch_start(trainer: Trainer) -> None:
+    """The test epoch starts, right after ``on_test_start``.
+
+    :param trainer: the Trainer.
+
+    Convention: all called, once per test run, before the first test batch of the first loader.
+    """
+
+
+@hookspec
+def on_test_batch_start(trainer: Trainer, batch: Any, batch_idx: int, dataloader_idx: int) -> None:
+    """A test batch is about to run, before ``on_before_forward``.
+
+    :param trainer: the Trainer.
+    :param batch: the batch as the loader gave it.
+    :param batch_idx: its index in its loader.
+    :param dataloader_idx: the loader's index (0 with one loader).
+
+    Convention: all called, once per test batch. Lightning module:
+    ``on_test_batch_start(self, batch, batch_idx, dataloader_idx)``.
+    """
+
+
+@hookspec
+def on_test_batch_end(trainer: Trainer, outputs: Any, batch: Any, batch_idx: int, dataloader_idx: int) -> None:
+    """A test batch ran.
+
+    :param trainer: the Trainer.
+    :param outputs: what ``test_step`` returned.
+    :param batch: the batch, after ``on_before_forward``.
+    :param batch_idx: its index in its loader.
+    :param dataloader_idx: the loader's index (0 with one loader).
+
+    Convention: all called, once per test batch. Lightning module:
+    ``on_test_batch_end(self, outputs, batch, batch_idx, dataloader_idx)``.
+    """
+
+
+@hookspec
+def test_epoch_end(trainer: Trainer, outputs: list[Any]) -> None:
+    """The test epoch ended: what every ``test_step`` returned.
+
+    :param trainer: the Trainer.
+    :param outputs: the ``test_step`` results in batch order; with several loaders, one such
+        list per loader (collected only when some implementation exists).
+
+    Convention: all called, after the last test batch; a ``self.log`` here is part of the test
+    metrics (averaged over processes).
+    """
+
+
+@hookspec
+def on_test_epoch_end(trainer: Trainer) -> None:
+    """The test epoch ended, after ``test_epoch_end``.
+
+    :param trainer: the Trainer.
+
+    Convention: all called, before the test metrics are reduced and ``on_test_end`` runs.
+    """
+
+
+@hookspec
+def on_test_end(trainer: Trainer, metrics: dict[str, float]) -> None:
+    """A test run ended, with its metrics.
+
+    :param trainer: the Trainer.
+    :param metrics: every test metric, averaged over the batches and the processes (with several
+        loaders the names end in ``/dataloader_idx_N``, as in Lightning).
+
+    Convention: all called, once per test run, on every process, before ``teardown(stage="test")``.
+    Lightning module: ``on_test_end(self)``.
+    """
+
+
+@hookspec
+def on_predict_start(trainer: Trainer) -> None:
+    """A predict run (``Trainer.predict``) starts, after ``setup(stage="predict")``.
+
+    :param trainer: the Trainer.
+
+    Convention: all called, once per predict run.
+    """
+
+
+@hookspec
+def on_predict_epoch_start(trainer: Trainer) -> None:
+    """The predict epoch starts, right after ``on_predict_start``.
+
+    :param trainer: the Trainer.
+
+    Convention: all called, once per predict run, before the first batch.
+    """
+
+
+@hookspec
+def on_predict_batch_start(trainer: Trainer, batch: Any, batch_idx: int, dataloader_idx: int) -> None:
+    """A predict batch is about to run, before ``on_before_forward``.
+
+    :param trainer: the Trainer.
+    :param batch: the batch as the loader gave it.
+    :param batch_idx: its index in its loader.
+    :param dataloader_idx: the loader's index (0 with one loader).
+
+    Convention: all called, once per predict batch. Lightning module:
+    ``on_predict_batch_start(self, batch, batch_idx, dataloader_idx)``.
+    """
+
+
+@hookspec
+def on_predict_batch_end(trainer: Trainer, outputs: Any, batch: Any, batch_idx: int, dataloader_idx: int) -> None:
+    """A predict batch ran.
+
+    :param trainer: the Trainer.
+    :param outputs: what ``predict_step`` returned.
+    :param batch: the batch, after ``on_before_forward``.
+    :param batch_idx: its index in its loader.
+    :param dataloader_idx: the loader's index (0 with one loader).
+
+    Convention: all called, once per predict batch. Lightning module:
+    ``on_predict_batch_end(self, outputs, batch, batch_idx, dataloader_idx)``.
+    """
+
+
+@hookspec
+def on_predict_epoch_end(trainer: Trainer, outputs: list[Any]) -> None:
+    """The predict epoch ended: every ``predict_step`` result.
+
+    :param trainer: the Trainer.
+    :param outputs: the predictions in batch order; with several loaders, one list per loader.
+
+    Convention: all called, once per predict run, after the last batch. Lightning module:
+    ``on_predict_epoch_end(self, outputs)`` (1.x).
+    """
+
+
+@hookspec
+def on_predict_end(trainer: Trainer) -> None:
+    """A predict run ended.
+
+    :param trainer: the Trainer.
+
+    Convention: all called, once per predict run, before ``teardown(stage="predict")``.
+    """
 
 #: Every hook name, in the order defined above.
 HOOK_NAMES: Sequence[str] = tuple(

@@ -50,6 +50,7 @@ import torch
 from torchplug.checkpointing import Checkpointing
 from torchplug.data import EpochBatches, Window
 from torchplug.errors import MisconfigurationError
+from torchplug.evaluation import VALIDATION, per_loader, reduced, run_epoch
 from torchplug.losscheck import LossCheck, loss_of
 from torchplug.metrics import to_floats
 from torchplug.module import MetricStore
@@ -326,42 +327,11 @@ class FitLoop(Checkpointing):
 
     # -- validation and metrics --------------------------------------------------------------
     def validate(self) -> dict[str, float]:
-        trainer, hooks, module = self.trainer, self.hooks, self.module
-        step_module = cast(StepModule, module)
-        was_training = module.training
-        module.eval()
-        self.metrics.begin_validation()
-        limit = trainer.limit_val_batches
-        phase = self.position.phase
-        self.position.phase, self.position.batch = "validation", 0
-        outputs: list[Any] | None = [] if "validation_epoch_end" in hooks.implemented else None
-        try:
-            hooks.on_validation_start(trainer=trainer)
-            hooks.on_validation_epoch_start(trainer=trainer)
-            with torch.no_grad():
-                for batch_idx, batch in enumerate(self.val_loader):
-                    if limit is not None and batch_idx >= limit:
-                        break
-                    self.position.batch = batch_idx
-                    hooks.on_validation_batch_start(trainer=trainer, batch=batch, batch_idx=batch_idx)
-                    args = hooks.on_before_forward(model=module, args=(batch, batch_idx))
-                    with hooks.forward_context(model=module):
-                        output = step_module.validation_step(*args)
-                    hooks.on_validation_batch_end(trainer=trainer, outputs=output, batch=args[0], batch_idx=batch_idx)
-                    if outputs is not None:
-                        outputs.append(output)
-                    self.stop.check()
-                if outputs is not None:
-                    hooks.validation_epoch_end(trainer=trainer, outputs=outputs)
-                hooks.on_validation_epoch_end(trainer=trainer)
-        finally:
-            values = self.metrics.end_validation()
-            module.train(was_training)
-        self.position.phase = phase
-        reduced = {name: hooks.reduce(tensor=torch.as_tensor(value, dtype=torch.float32, device=self.device),
-                                      op="mean")
-                   for name, value in values.items()}
-        result = to_floats(reduced)
+        trainer, hooks = self.trainer, self.hooks
+        keep = VALIDATION.epoch_end in hooks.implemented  # outputs are collected only for someone
+        epoch = run_epoch(trainer, self.module, [self.val_loader], VALIDATION, trainer.limit_val_batches,
+                          self.position, self.metrics, keep, between_batches=self.stop.check)
+        result = reduced(trainer, self.device, per_loader(epoch)[0])
         self.state.callback_metrics.update(result)
         hooks.on_validation_end(trainer=trainer, metrics=result)
         self.log_train(result)  # with what plugins logged in on_validation_end: one row for the event

@@ -2,10 +2,18 @@
 
 from __future__ import annotations
 
-from typing import Any
+import inspect
+import os
+from collections.abc import Sequence
+from types import FrameType
+from typing import Any, TypeVar
 
 import torch
 from torch import nn
+
+from torchplug import hparams as hyper
+
+M = TypeVar("M", bound="TrainingModule")
 
 REDUCE_FX = {"mean": "mean", "sum": "sum", "max": "max", "min": "min", torch.mean: "mean", torch.sum: "sum",
              torch.max: "max", torch.min: "min"}
@@ -139,6 +147,10 @@ class TrainingModule(nn.Module):
     def configure_optimizers(self) -> Any:
         raise NotImplementedError(f"{type(self).__name__} must define configure_optimizers()")
 
+    def predict_step(self, batch: Any, batch_idx: int, dataloader_idx: int | None = None) -> Any:
+        """``Trainer.predict``'s step; Lightning's default: the module's forward on the batch."""
+        return self(batch)
+
     #: Lightning's switch: False hands optimization to ``training_step`` (``self.optimizers()``,
     #: ``self.manual_backward(loss)``, ``opt.step()``); see :mod:`torchplug.optimization`.
     automatic_optimization: bool = True
@@ -222,6 +234,31 @@ class TrainingModule(nn.Module):
         """``self.log(name, value, **kwargs)`` for each item."""
         for name, value in dictionary.items():
             self.log(name, value, **kwargs)
+
+    def save_hyperparameters(self, *args: Any, ignore: str | Sequence[str] | None = None,
+                             frame: FrameType | None = None) -> None:
+        """Keep ``__init__``'s arguments (or the ``args`` named, or one dict) in ``self.hparams``
+        and in checkpoints (``"hyper_parameters"``); call it in ``__init__``. :mod:`torchplug.hparams`."""
+        hyper.save(self, args, ignore, frame or getattr(inspect.currentframe(), "f_back", None))
+
+    @property
+    def hparams(self) -> hyper.AttributeDict:
+        """What ``save_hyperparameters`` kept: ``self.hparams.lr`` or ``self.hparams["lr"]``."""
+        return hyper.hparams_of(self)
+
+    @hparams.setter
+    def hparams(self, value: Any) -> None:
+        # Lightning 1.1 let __init__ assign self.hparams = hparams (a dict or argparse.Namespace).
+        hyper.hparams_of(self).clear()
+        hyper.save(self, (value,), None, None)
+
+    @classmethod
+    def load_from_checkpoint(cls: type[M], checkpoint_path: str | os.PathLike[str], strict: bool = True,
+                             **overrides: Any) -> M:
+        """The module rebuilt from a checkpoint's hyperparameters (``overrides`` replace them) with
+        its weights loaded; refused, naming what is missing, when ``__init__`` needs arguments
+        the checkpoint does not store."""
+        return hyper.load_from_checkpoint(cls, checkpoint_path, strict, overrides)
 
     def configure_callbacks(self) -> Any:
         """Callbacks (plugin objects) this module needs, registered when ``fit`` starts, after

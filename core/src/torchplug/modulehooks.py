@@ -35,6 +35,8 @@ if TYPE_CHECKING:
 
 #: The name the adapter is registered under (``Hooks.wrap_error`` lets its errors through unchanged).
 PLUGIN_NAME = "torchplug.module"
+DATAMODULE_PLUGIN_NAME = "torchplug.datamodule"
+HPARAMS_PLUGIN_NAME = "torchplug.hparams"
 
 Call = Callable[..., None]
 
@@ -45,7 +47,8 @@ def _optimizer_index(trainer: Trainer, optimizer: Any) -> int:
 
 # module hook → the implementation, given ``f`` (the module's method, cut to its arity). Each
 # implementation names the hookspec arguments it needs (pluggy passes those, by their names) and
-# gives the method Lightning's positional arguments; dataloader_idx is 0 (one loader).
+# gives the method Lightning's positional arguments; dataloader_idx is 0 in fit (one loader each), the
+# loader's index in test and predict.
 MODULE_HOOKS: dict[str, Callable[[Call], Call]] = {
     "setup": lambda f: lambda stage: f(stage),
     "teardown": lambda f: lambda stage: f(stage),
@@ -71,6 +74,21 @@ MODULE_HOOKS: dict[str, Callable[[Call], Call]] = {
     "validation_epoch_end": lambda f: lambda outputs: f(outputs),
     "on_validation_epoch_end": lambda f: lambda: f(),
     "on_validation_end": lambda f: lambda: f(),
+    "on_test_start": lambda f: lambda: f(),
+    "on_test_epoch_start": lambda f: lambda: f(),
+    "on_test_batch_start": lambda f: lambda batch, batch_idx, dataloader_idx: f(batch, batch_idx, dataloader_idx),
+    "on_test_batch_end": lambda f: lambda outputs, batch, batch_idx, dataloader_idx: f(
+        outputs, batch, batch_idx, dataloader_idx),
+    "test_epoch_end": lambda f: lambda outputs: f(outputs),
+    "on_test_epoch_end": lambda f: lambda: f(),
+    "on_test_end": lambda f: lambda: f(),
+    "on_predict_start": lambda f: lambda: f(),
+    "on_predict_epoch_start": lambda f: lambda: f(),
+    "on_predict_batch_start": lambda f: lambda batch, batch_idx, dataloader_idx: f(batch, batch_idx, dataloader_idx),
+    "on_predict_batch_end": lambda f: lambda outputs, batch, batch_idx, dataloader_idx: f(
+        outputs, batch, batch_idx, dataloader_idx),
+    "on_predict_epoch_end": lambda f: lambda outputs: f(outputs),
+    "on_predict_end": lambda f: lambda: f(),
     "on_save_checkpoint": lambda f: lambda checkpoint: f(checkpoint),
     "on_load_checkpoint": lambda f: lambda checkpoint: f(checkpoint),
 }
@@ -86,7 +104,6 @@ MODULE_API = frozenset({
     "train_dataloader", "val_dataloader", "test_dataloader", "predict_dataloader", "prepare_data",
     "optimizer_step", "optimizer_zero_grad", "configure_callbacks", "log", "log_dict", "optimizers",
     "lr_schedulers", "manual_backward", "save_hyperparameters", "toggle_optimizer", "untoggle_optimizer",
-    "test_epoch_end",
 })
 
 #: Lightning hooks and overrides torchplug does not call, with what to do instead.
@@ -126,18 +143,6 @@ UNSUPPORTED: dict[str, str] = {
     "configure_gradient_clipping": "use Trainer(gradient_clip_val=...), or a plugin's clip_gradients hook",
     "on_before_accelerator_backend_setup": "use setup(stage)",
     "on_post_move_to_device": "use setup(stage) (the model is moved after it) or on_fit_start()",
-    "on_test_start": "torchplug has no test loop hooks yet: use test_epoch_end(outputs)",
-    "on_test_end": "torchplug has no test loop hooks yet: use test_epoch_end(outputs)",
-    "on_test_epoch_start": "torchplug has no test loop hooks yet",
-    "on_test_epoch_end": "torchplug has no test loop hooks yet: use test_epoch_end(outputs)",
-    "on_test_batch_start": "torchplug has no test loop hooks yet",
-    "on_test_batch_end": "torchplug has no test loop hooks yet",
-    "on_predict_start": "torchplug has no predict loop hooks",
-    "on_predict_end": "torchplug has no predict loop hooks",
-    "on_predict_epoch_start": "torchplug has no predict loop hooks",
-    "on_predict_epoch_end": "torchplug has no predict loop hooks",
-    "on_predict_batch_start": "torchplug has no predict loop hooks",
-    "on_predict_batch_end": "torchplug has no predict loop hooks",
 }
 
 _NN_MODULE = frozenset(dir(nn.Module))
@@ -250,19 +255,27 @@ def _cut(method: Any) -> Call:
 
 
 @contextmanager
-def registered(trainer: Trainer, module: nn.Module) -> Iterator[None]:
-    """The module's hooks registered with the trainer's plugins for the block (a fit in this
-    process: spawned workers register their own copy of the module)."""
-    plugin = module_plugin(module)
-    if plugin is None:
+def registered(trainer: Trainer, module: nn.Module, datamodule: Any = None) -> Iterator[None]:
+    """The module's hooks (and a datamodule's checkpoint state, :mod:`torchplug.datamodule`)
+    registered with the trainer's plugins for the block (a fit in this process: spawned workers
+    register their own copy of the module)."""
+    from torchplug import datamodule as dm
+    from torchplug import hparams
+
+    candidates = ((module_plugin(module), PLUGIN_NAME), (hparams.checkpoint_plugin(module), HPARAMS_PLUGIN_NAME),
+                  (dm.checkpoint_plugin(datamodule) if datamodule is not None else None, DATAMODULE_PLUGIN_NAME))
+    plugins = [(p, name) for p, name in candidates if p is not None]
+    if not plugins:
         yield
         return
-    trainer.pm.register_before_plugins(plugin, PLUGIN_NAME)
+    for plugin, name in reversed(plugins):  # each goes right after the defaults: the module runs last
+        trainer.pm.register_before_plugins(plugin, name)
     trainer.hooks.refresh()
     try:
         yield
     finally:
-        trainer.pm.unregister(plugin)
+        for plugin, _ in plugins:
+            trainer.pm.unregister(plugin)
         trainer.hooks.refresh()
 
 

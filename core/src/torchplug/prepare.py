@@ -33,13 +33,14 @@ class StepModule(Protocol):
     def configure_optimizers(self) -> Any: ...
 
 
-def check_module(model: Any, need_validation: bool = False) -> None:
-    """Refuse a model the loop cannot train, naming what is missing."""
+def check_module(model: Any, need_validation: bool = False, need: tuple[str, ...] | None = None) -> None:
+    """Refuse a model the loop cannot train (or validate, or run ``need``'s steps), naming what is missing."""
     if not isinstance(model, nn.Module):
         raise MisconfigurationError(
             f"Expected a torch.nn.Module (a torchplug.TrainingModule), got {type(model).__name__}"
         )
-    needed = ["validation_step"] if need_validation else ["training_step", "configure_optimizers"]
+    needed = list(need) if need is not None else ["validation_step"] if need_validation else \
+        ["training_step", "configure_optimizers"]
     for name in needed:
         method = getattr(model, name, None)
         if not callable(method) or _is_base_stub(model, name):

@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from torchplug import checkpoint as ckpt
+from torchplug import evalrun
 from torchplug.arguments import (
     ACCELERATORS,
     AMP_BACKENDS,
@@ -28,6 +29,7 @@ from torchplug.arguments import (
     check_type,
     iterable,
 )
+from torchplug.datamodule import datamodule_loaders, staged
 from torchplug.errors import MisconfigurationError, PluginError
 from torchplug.hookcalls import Hooks
 from torchplug.manager import PluginManager, get_plugin_manager
@@ -36,7 +38,7 @@ from torchplug.plan import Plan, build_plan
 from torchplug.plugin import Role
 from torchplug.prepare import check_module, resolve_loaders
 from torchplug.provenance import check_resume_plan
-from torchplug.run import FitOutcome, FitRun, validate_only
+from torchplug.run import FitOutcome, FitRun
 from torchplug.sharded import FOLDER_KEY, resolve_folder
 from torchplug.state import SchedulerConfig, already_finished, resume_point
 from torchplug.trainer_api import PluginFacingTrainer
@@ -279,11 +281,19 @@ class Trainer(PluginFacingTrainer):
         train_dataloaders: Any = None,
         val_dataloaders: Any = None,
         ckpt_path: str | os.PathLike[str] | None = None,
+        datamodule: Any = None,
     ) -> None:
-        """Train ``model``; afterwards it holds the trained weights (also after multi-process
-        runs), and ``global_step``, ``current_epoch`` and ``callback_metrics`` are set."""
+        """Train ``model`` (on ``datamodule``'s loaders if given); afterwards it holds the trained weights
+        (also after multi-process runs), and ``global_step``, ``current_epoch`` and ``callback_metrics`` are set."""
         check_module(model)
         check_module_methods(model)
+        if datamodule is not None and (train_dataloaders is not None or val_dataloaders is not None):
+            datamodule_loaders(datamodule, train_dataloaders, val_dataloaders)  # refused before prepare_data runs
+        with staged(datamodule, "fit"):  # prepare_data, setup("fit") ... teardown("fit")
+            self._fit(model, *datamodule_loaders(datamodule, train_dataloaders, val_dataloaders), ckpt_path, datamodule)
+
+    def _fit(self, model: nn.Module, train_dataloaders: Any, val_dataloaders: Any,
+             ckpt_path: str | os.PathLike[str] | None, datamodule: Any) -> None:
         if not getattr(model, "automatic_optimization", True) and (
                 self.accumulate_grad_batches > 1 or self.gradient_clip_val > 0):
             raise MisconfigurationError(
@@ -306,7 +316,7 @@ class Trainer(PluginFacingTrainer):
                 self._finished_already(model, resume, ckpt_path)
                 return
             _say(f"torchplug: resuming from {ckpt_path} at {resume_point(resume)}")
-        function = functools.partial(self._fit_in_process, model, train_loader, val_loader, resume)
+        function = functools.partial(self._fit_in_process, model, train_loader, val_loader, resume, datamodule)
         try:
             outcome: FitOutcome = self.hooks.launch(trainer=self, function=function)
         finally:
@@ -337,10 +347,10 @@ class Trainer(PluginFacingTrainer):
         self.log_dir, self.checkpoint_path, self.model = None, str(path), model
 
     def _fit_in_process(self, model: nn.Module, train_loader: Any, val_loader: Any,
-                        resume: dict[str, Any] | None) -> FitOutcome:
+                        resume: dict[str, Any] | None, datamodule: Any = None) -> FitOutcome:
         self._use_module_callbacks(model)  # a spawned worker's Trainer was rebuilt without them
         try:
-            with registered(self, model):
+            with registered(self, model, datamodule):
                 outcome = FitRun(self, model, train_loader, val_loader, resume).run()
             if outcome.state_dict is not None:  # rank 0 of a launched copy (get_state_dicts)
                 outcome.state_dict = {k: v.detach().cpu() for k, v in outcome.state_dict.items()}
@@ -349,21 +359,24 @@ class Trainer(PluginFacingTrainer):
                 self.hooks.close_trace()
         return outcome
 
-    def validate(self, model: nn.Module, dataloaders: Any = None) -> dict[str, float]:
-        """Run ``validation_step`` over ``dataloaders`` (or ``model.val_dataloader()``) in this
-        process and return the averaged metrics."""
-        check_module(model, need_validation=True)
-        check_module_methods(model)
-        _, val_loader = resolve_loaders(model, None, dataloaders, need_train=False)
-        if val_loader is None:
-            raise MisconfigurationError(
-                f"No validation data: pass validate(model, dataloaders=...) or define {type(model).__name__}"
-                ".val_dataloader()."
-            )
-        with registered(self, model):
-            metrics = validate_only(self, model, val_loader)
-        self.callback_metrics.update(metrics)
-        return metrics
+    def validate(self, model: nn.Module | None = None, dataloaders: Any = None, datamodule: Any = None) -> dict[
+            str, float]:
+        """Run ``validation_step`` over ``dataloaders`` (or the datamodule's, or ``model.val_dataloader()``)
+        in this process and return the averaged metrics; ``model=None``: the fitted module."""
+        return evalrun.validate(self, model, dataloaders, datamodule)
+
+    def test(self, model: nn.Module | None = None, dataloaders: Any = None,
+             ckpt_path: str | os.PathLike[str] | None = None, datamodule: Any = None, verbose: bool = True,
+             test_dataloaders: Any = None) -> list[dict[str, float]]:
+        """``test_step`` over the loaders, through ``launch`` (``devices=N``: metrics averaged over the
+        workers); one dict of metrics per loader (``test_dataloaders=`` is 1.1's ``dataloaders=``). :mod:`.evalrun`."""
+        return evalrun.test(self, model, evalrun.either(dataloaders, test_dataloaders, "test_dataloaders"),
+                            ckpt_path, datamodule, verbose)
+
+    def predict(self, model: nn.Module | None = None, dataloaders: Any = None, datamodule: Any = None,
+                return_predictions: bool = True, ckpt_path: str | os.PathLike[str] | None = None) -> Any:
+        """Every batch's ``predict_step`` result, in order, computed in this process. :mod:`.evalrun`."""
+        return evalrun.predict(self, model, dataloaders, datamodule, return_predictions, ckpt_path)
 
     def save_checkpoint(self, path: str | os.PathLike[str]) -> None:
         """Write a checkpoint of the current fit's state to ``path`` (atomically, in the format

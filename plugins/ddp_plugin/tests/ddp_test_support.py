@@ -239,3 +239,14 @@ class RankLogger(Regressor):
         self.log("local", value, on_step=False, on_epoch=True)
         self.log("synced_sum", value, on_epoch=True, on_step=False, reduce_fx="sum", sync_dist=True)
         return super().training_step(batch, batch_idx)
+
+
+class RankTester(Regressor):
+    """``test_step`` logs ``(rank + 1) * (batch_idx + 1)`` and the batch's loss: with 4 batches a
+    rank the first averages 2.5 on rank 0 and 5.0 on rank 1 (3.75 over both)."""
+
+    def test_step(self, batch: Any, batch_idx: int) -> None:
+        rank = dist.get_rank() if dist.is_initialized() else 0
+        x, y = batch
+        self.log("rank_value", torch.tensor(float((rank + 1) * (batch_idx + 1))))
+        self.log("test_loss", F.mse_loss(self.net(x), y))
