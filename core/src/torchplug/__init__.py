@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 from torchplug.errors import (
     CheckpointError,
+    LightningSpellingWarning,
     MisconfigurationError,
     NonFiniteLossError,
     PlanChangedError,
@@ -76,6 +77,7 @@ def __getattr__(name: str) -> Any:
 __all__ = [
     "CheckpointError",
     "FitOutcome",
+    "LightningSpellingWarning",
     "MisconfigurationError",
     "ModelTransform",
     "NonFiniteLossError",

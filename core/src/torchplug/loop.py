@@ -3,8 +3,9 @@
 ``FitLoop.train`` is the loop, in execution order; every hook is called on the line where its
 step happens. An epoch is a sequence of accumulation windows (:mod:`torchplug.data`)::
 
-    on_fit_start → on_train_start
-    per epoch: on_epoch_start → on_train_epoch_start
+    on_fit_start → [num_sanity_val_steps > 0: the validation hooks over that many batches, but
+        on_validation_end; metrics discarded, RNG restored] → on_train_start
+    per epoch: on_epoch_start → on_train_epoch_start (accumulation: the schedule's entry for the epoch)
     per window, per micro-batch:
         on_train_batch_start → on_before_forward → [block_backward_sync, entered unless last of the window]
             → forward_context → training_step → on_before_backward
@@ -16,6 +17,7 @@ step happens. An epoch is a sequence of accumulation windows (:mod:`torchplug.da
             → LR schedulers (interval "step"; not after a skipped step)
             → [on_log_metrics every log_every_n_steps]
         → on_train_batch_end
+        → [val_check_interval reached after the window's step: the validation below, mid-epoch]
         → trainer.should_stop? (ends the fit like max_steps)
     training_epoch_end(outputs) → on_train_epoch_end → on_epoch_end → on_log_metrics
     → validation: on_validation_start → on_validation_epoch_start
@@ -45,9 +47,11 @@ from typing import TYPE_CHECKING, Any, cast
 
 import torch
 
+from torchplug.batchlimits import ValidationSchedule, resolve_limit
 from torchplug.checkpointing import Checkpointing
 from torchplug.data import EpochBatches, Window
 from torchplug.errors import MisconfigurationError
+from torchplug.lightning_args import accumulation
 from torchplug.losscheck import LossCheck, loss_of
 from torchplug.metrics import to_floats
 from torchplug.module import MetricStore
@@ -70,7 +74,7 @@ if TYPE_CHECKING:
     from torchplug.trainer import Trainer
 
 
-class FitLoop(Checkpointing):
+class FitLoop(Checkpointing, ValidationSchedule):
     """Trains, validates and checkpoints one process's prepared parts."""
 
     def __init__(self, trainer: Trainer, parts: Prepared, state: RunState, outputs: RunOutputs,
@@ -88,7 +92,9 @@ class FitLoop(Checkpointing):
         self.stop = stop
         self.position = position
         self.metrics = metrics
-        self.batches = EpochBatches(parts.train_loader, trainer.limit_train_batches, state, position)
+        self.batches = EpochBatches(parts.train_loader, resolve_limit(
+            "limit_train_batches", trainer.limit_train_batches, parts.train_loader), state, position)
+        self.schedule_validation(parts.train_loader)
         self.losses = LossCheck(trainer.on_nonfinite_loss, parts.device)
         self._saved_at: tuple[int, int, int] | None = None
         #: what this epoch's training steps returned, while someone implements training_epoch_end
@@ -110,13 +116,15 @@ class FitLoop(Checkpointing):
     # -- the loop ----------------------------------------------------------------------------
     def train(self) -> None:
         trainer, hooks, state, model = self.trainer, self.hooks, self.state, self.model
-        accumulate = trainer.accumulate_grad_batches
         # A wrapper from configure_ddp runs training_step itself (inside DDP's forward).
         self._training_step = cast(StepModule, self.module).training_step if model is self.module else model
         hooks.on_fit_start(trainer=trainer, model=self.module)
+        self.sanity_check()
         hooks.on_train_start(trainer=trainer)
         while not self.finished():
             epoch = state.epoch
+            # accumulate_grad_batches={epoch: n}: the schedule's n, in trainer.accumulate_grad_batches as in Lightning
+            accumulate = trainer.accumulate_grad_batches = accumulation(trainer.accumulation_schedule, epoch)
             self.epoch_outputs = None
             if "training_epoch_end" in hooks.implemented:
                 self.epoch_outputs = [[] for _ in self.optimizers] if self.per_optimizer else []
@@ -136,6 +144,8 @@ class FitLoop(Checkpointing):
                     self.outputs.progress.update()
                 if window.open:
                     break  # the loader ran dry inside this window
+                if self.mid_epoch_validation_due(epoch, window):
+                    self.validate()  # val_check_interval: after the window's step, at "after this batch"
                 if self.max_steps_reached() or state.should_stop:  # should_stop: a plain bool, no host read
                     if self._epoch_trained():
                         self._end_epoch(epoch)  # the epoch still ends if its last batch was trained
@@ -264,8 +274,7 @@ class FitLoop(Checkpointing):
             self.metrics.epoch_end = False
         self.metrics.end_train_epoch()
         self.log_train(pending)
-        if self.val_loader is not None and trainer.limit_val_batches != 0 \
-                and (epoch + 1) % trainer.check_val_every_n_epoch == 0:
+        if self.validates_after(epoch):
             self.validate()
         for sched in self.schedulers:
             if sched.interval != "epoch" or self.manual:
@@ -327,13 +336,13 @@ class FitLoop(Checkpointing):
             optimizer.zero_grad(set_to_none=True)
 
     # -- validation and metrics --------------------------------------------------------------
-    def validate(self) -> dict[str, float]:
+    def validate(self, sanity: bool = False) -> dict[str, float]:
         trainer, hooks, module = self.trainer, self.hooks, self.module
         step_module = cast(StepModule, module)
         was_training = module.training
         module.eval()
         self.metrics.begin_validation()
-        limit = trainer.limit_val_batches
+        limit = self.sanity_limit() if sanity else self.val_limit
         phase = self.position.phase
         self.position.phase, self.position.batch = "validation", 0
         outputs: list[Any] | None = [] if "validation_epoch_end" in hooks.implemented else None
@@ -360,6 +369,8 @@ class FitLoop(Checkpointing):
             values = self.metrics.end_validation()
             module.train(was_training)
         self.position.phase = phase
+        if sanity:
+            return {}
         reduced = {name: hooks.reduce(tensor=torch.as_tensor(value, dtype=torch.float32, device=self.device),
                                       op="mean")
                    for name, value in values.items()}

@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from torchplug import checkpoint as ckpt
+from torchplug import lightning_args as lt
 from torchplug.arguments import (
     ACCELERATORS,
     AMP_BACKENDS,
@@ -21,13 +22,15 @@ from torchplug.arguments import (
     PRECISIONS,
     RESUME_PLAN,
     SINGLE_PROCESS,
+    check_callback_list,
     check_devices,
     check_int,
     check_number,
-    check_optional_int,
+    check_plugin_list,
     check_type,
     iterable,
 )
+from torchplug.batchlimits import check_loaders
 from torchplug.errors import MisconfigurationError, PluginError
 from torchplug.hookcalls import Hooks
 from torchplug.manager import PluginManager, get_plugin_manager
@@ -61,18 +64,23 @@ class Trainer(PluginFacingTrainer):
         accelerator: str | None = None,
         strategy: str | None = None,
         devices: int | str | None = None,
+        gpus: int | str | list[int] | None = None,
+        num_processes: int | None = None,
         num_nodes: int = 1,
         precision: int | str = 32,
         amp_backend: str = "native",
         amp_level: str | None = None,
         max_epochs: int | None = None,
         max_steps: int | None = -1,
-        accumulate_grad_batches: int = 1,
+        fast_dev_run: bool | int = False,
+        accumulate_grad_batches: int | dict[int, int] = 1,
         gradient_clip_val: float | None = 0.0,
         gradient_clip_norm_type: float = 2.0,
-        limit_train_batches: int | None = None,
-        limit_val_batches: int | None = None,
+        limit_train_batches: int | float | None = None,
+        limit_val_batches: int | float | None = None,
         check_val_every_n_epoch: int = 1,
+        val_check_interval: int | float = 1.0,
+        num_sanity_val_steps: int = 0,
         log_every_n_steps: int = 50,
         enable_progress_bar: bool = True,
         enable_checkpointing: bool = True,
@@ -82,10 +90,22 @@ class Trainer(PluginFacingTrainer):
         on_nonfinite_loss: str = "error",
         checkpoint_weights_only: bool = True,
         resume_plan: str = "warn",
+        resume_from_checkpoint: str | os.PathLike[str] | None = None,
         blocked_plugins: Sequence[str] = (),
         autoload_plugins: bool | None = None,
     ) -> None:
         self._init_args = {k: v for k, v in locals().items() if k not in ("self", "__class__")}
+        # Lightning 1.1's spellings (gpus, num_processes, ddp_cpu, resume_from_checkpoint) warn once: workers
+        # rebuild this Trainer from the mapped arguments.
+        spelled = lt.map_spellings(self._init_args, torch.cuda.is_available)
+        accelerator, strategy, devices = spelled["accelerator"], spelled["strategy"], spelled["devices"]
+        self.resume_from_checkpoint = lt.check_resume_argument(resume_from_checkpoint)
+        self._init_args.update(spelled, gpus=None, num_processes=None, resume_from_checkpoint=None)
+        #: fast_dev_run's batches (0: off); it overrides the run's length, the metrics file and checkpoints
+        self.fast_dev_run = lt.fast_dev_run_batches(fast_dev_run)
+        if self.fast_dev_run:
+            (max_epochs, max_steps, limit_train_batches, limit_val_batches, val_check_interval, check_val_every_n_epoch,
+             num_sanity_val_steps, logger, enable_checkpointing) = lt.fast_dev_run_overrides(self.fast_dev_run)
         # Lightning 1.1 spelled the strategy as an accelerator: accelerator="ddp".
         if accelerator is not None and not isinstance(accelerator, str):
             raise MisconfigurationError(
@@ -128,14 +148,19 @@ class Trainer(PluginFacingTrainer):
         if self.max_steps == 0:
             raise MisconfigurationError("max_steps must be positive, or -1 for no limit; got 0")
         self.max_epochs = max_epochs if max_epochs is not None else (1000 if self.max_steps == -1 else None)
-        self.accumulate_grad_batches = check_int("accumulate_grad_batches", accumulate_grad_batches, minimum=1)
+        #: ``{epoch: n}``: from that epoch on, n micro-batches per step (an int argument is ``{0: n}``)
+        self.accumulation_schedule = lt.check_schedule(accumulate_grad_batches)
+        #: the accumulation in effect (the loop sets it at every epoch's start, as Lightning's scheduler did)
+        self.accumulate_grad_batches = lt.accumulation(self.accumulation_schedule, 0)
         self.gradient_clip_val = 0.0 if gradient_clip_val is None else check_number(
             "gradient_clip_val", gradient_clip_val, minimum=0.0)
         self.gradient_clip_norm_type = check_number(
             "gradient_clip_norm_type", gradient_clip_norm_type, minimum=0.0, exclusive=True)
-        self.limit_train_batches = check_optional_int("limit_train_batches", limit_train_batches, minimum=1)
-        self.limit_val_batches = check_optional_int("limit_val_batches", limit_val_batches, minimum=0)
+        self.limit_train_batches = lt.check_limit("limit_train_batches", limit_train_batches, minimum=1)
+        self.limit_val_batches = lt.check_limit("limit_val_batches", limit_val_batches, minimum=0)
         self.check_val_every_n_epoch = check_int("check_val_every_n_epoch", check_val_every_n_epoch, minimum=1)
+        self.val_check_interval = lt.check_val_check_interval(val_check_interval)
+        self.num_sanity_val_steps = lt.check_sanity_steps(num_sanity_val_steps)
         self.log_every_n_steps = check_int("log_every_n_steps", log_every_n_steps, minimum=1)
         self.enable_progress_bar = check_type("enable_progress_bar", enable_progress_bar, bool)
         self.enable_checkpointing = check_type("enable_checkpointing", enable_checkpointing, bool)
@@ -171,31 +196,12 @@ class Trainer(PluginFacingTrainer):
             raise MisconfigurationError(f"blocked_plugins must be a list of plugin names, got {blocked_plugins!r}")
         check_type("autoload_plugins", autoload_plugins, (bool, type(None)))
 
-        if plugins is None:
-            plugins = []
-        elif isinstance(plugins, (str, bytes)) or not isinstance(plugins, Sequence):
-            plugins = [plugins]
-        for item in plugins:
-            if item is None or isinstance(item, (bool, int, float, complex, bytes, dict, list, tuple, set, Path)):
-                raise MisconfigurationError(
-                    f"plugins= takes plugin names (str), plugin objects and modules; got {item!r} "
-                    f"({type(item).__name__})."
-                )
-        if callbacks is None:
-            callbacks = []
-        elif not isinstance(callbacks, Sequence) or isinstance(callbacks, (str, bytes)):
-            callbacks = [callbacks]
-        for item in callbacks:
-            if item is None or isinstance(item, (str, bytes, type, bool, int, float, dict, list, tuple, set, Path)):
-                raise MisconfigurationError(
-                    f"callbacks= takes callback objects (torchplug.Plugin instances, e.g. EarlyStopping(...)); got "
-                    f"{item!r} ({type(item).__name__}). Select an installed plugin by name with plugins=[...]."
-                )
-        self._trainer_callbacks: list[object] = list(callbacks)
+        plugins, callbacks = check_plugin_list(plugins), check_callback_list(callbacks)
+        self._trainer_callbacks: list[object] = callbacks
         self._module_callbacks: list[object] = []
         self._module_callbacks_for: int | None = None
         self.pm: PluginManager = get_plugin_manager(
-            list(plugins) + self._trainer_callbacks, role_defaults=self._role_defaults(), blocked=list(blocked_plugins),
+            plugins + self._trainer_callbacks, role_defaults=self._role_defaults(), blocked=list(blocked_plugins),
             autoload=autoload_plugins
         )
         #: what this Trainer will run, and why (torchplug.plan); ranks compare its fingerprint
@@ -284,16 +290,21 @@ class Trainer(PluginFacingTrainer):
         check_module(model)
         check_module_methods(model)
         if not getattr(model, "automatic_optimization", True) and (
-                self.accumulate_grad_batches > 1 or self.gradient_clip_val > 0):
+                max(self.accumulation_schedule.values()) > 1 or self.gradient_clip_val > 0):
             raise MisconfigurationError(
                 f"{type(model).__name__} optimizes manually (automatic_optimization = False), so the Trainer "
-                f"neither accumulates nor clips: drop accumulate_grad_batches={self.accumulate_grad_batches} and "
+                f"neither accumulates nor clips: drop accumulate_grad_batches="
+                f"{self._init_args['accumulate_grad_batches']} and "
                 f"gradient_clip_val={self.gradient_clip_val}, and do both in training_step."
             )
         if ckpt_path is not None and not isinstance(ckpt_path, (str, os.PathLike)):
             raise MisconfigurationError(f"ckpt_path must be a path, got {ckpt_path!r} ({type(ckpt_path).__name__})")
+        ckpt_path = lt.fit_checkpoint(self.resume_from_checkpoint, ckpt_path)
         train_loader, val_loader = resolve_loaders(model, train_dataloaders, val_dataloaders)
+        check_loaders(self, train_loader, val_loader)
         self._use_module_callbacks(model)
+        if self.fast_dev_run:
+            _say(lt.fast_dev_run_note(self.fast_dev_run))
         resume = None
         if ckpt_path is not None:
             # Read and match against the model before any work: a bad file fails here.

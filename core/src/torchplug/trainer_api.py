@@ -13,7 +13,9 @@ Trainer (``core/tests/test_plugin_api.py`` fails when one touches a private attr
   ``trainer.callback_metrics`` (the last value of everything logged);
 * ``trainer.save_checkpoint(path)`` (in trainer.py): a checkpoint in the trainer's own format;
 * ``trainer.val_dataloaders``, ``trainer.lr_scheduler_configs``, ``trainer.log_dir``,
-  ``trainer.is_global_zero``, ``trainer.global_step``, ``trainer.current_epoch``.
+  ``trainer.is_global_zero``, ``trainer.global_step``, ``trainer.current_epoch``;
+* ``trainer.fast_dev_run`` (its batches, 0: off; a logger or checkpoint callback then writes no
+  file) and ``trainer.accumulate_grad_batches`` (the accumulation of the current epoch).
 
 The module's own callbacks (``TrainingModule.configure_callbacks``) are registered here too.
 """
