@@ -15,7 +15,7 @@ import os
 from collections.abc import Callable
 from typing import Any
 
-from torchplug.arguments import check_int
+from torchplug.arguments import ACCELERATORS, check_int
 from torchplug.errors import LightningSpellingWarning, MisconfigurationError
 from torchplug.utils import warn_at_caller
 
@@ -81,6 +81,9 @@ def map_spellings(args: dict[str, Any], cuda_available: Callable[[], bool]) -> d
         _warn(f"accelerator={accelerator!r}", "strategy='ddp'" + (", accelerator='cpu'" if kind else "")
               + ("" if kind else f" ({SPAWN_NOTE})"))
         strategy, accelerator = "ddp", kind
+    if (gpus is not None or num_processes is not None) and isinstance(accelerator, str) \
+            and accelerator not in ACCELERATORS and strategy in (None, accelerator):
+        strategy, accelerator = accelerator, None  # Trainer(gpus=2, accelerator="ddp"): "ddp" is the strategy
     if gpus is not None and num_processes is not None:
         raise MisconfigurationError(
             f"gpus={gpus!r} and num_processes={num_processes!r} both give the process count; pass devices=N with "
