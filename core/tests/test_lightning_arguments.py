@@ -86,9 +86,11 @@ def test_lightning_device_spellings_map_to_todays_with_one_warning_each(kwargs: 
         (["accelerator"] if kwargs.get("accelerator") in ("ddp_cpu", "ddp_spawn") else [])
     assert len(messages) == len(given), messages
     for name, message in zip(sorted(given), sorted(messages)):
-        assert f"Trainer({name}=" in message and "Lightning 1.1's spelling" in message
+        assert f"Trainer({name}=" in message
+        assert "Lightning 1.1's spelling" in message
     if kwargs.get("accelerator") == "ddp_spawn":
-        assert "spawn" in messages[0] and "torchrun" in messages[0]  # says how torchplug launches
+        assert "spawn" in messages[0]
+        assert "torchrun" in messages[0]
 
 
 def test_ddp_cpu_with_num_processes_selects_the_ddp_plugin_on_the_cpu(make_trainer: Any) -> None:
@@ -98,7 +100,8 @@ def test_ddp_cpu_with_num_processes_selects_the_ddp_plugin_on_the_cpu(make_train
     assert trainer.plugin_names == ["ddp"]
     assert len(caught) == 2
     # Workers rebuild the Trainer from its arguments: the mapped ones, so they do not warn again.
-    assert trainer.arguments["num_processes"] is None and trainer.arguments["devices"] == 2
+    assert trainer.arguments["num_processes"] is None
+    assert trainer.arguments["devices"] == 2
     with pytest.warns(LightningSpellingWarning, match=r"gpus=0.*accelerator='cpu'"):
         assert make_trainer(gpus=0).accelerator == "cpu"
 
@@ -224,7 +227,8 @@ def test_resume_from_checkpoint_is_fit_ckpt_path_with_a_warning(tp: Any, make_tr
     first = make_trainer(max_epochs=1, default_root_dir=tmp_path / "b")
     first.fit(tp.fresh_net(), tp.loader())
     with pytest.warns(LightningSpellingWarning, match=r"resume_from_checkpoint=.*fit\(model, ckpt_path="):
-        second = make_trainer(max_epochs=2, default_root_dir=tmp_path / "c", resume_from_checkpoint=first.checkpoint_path)
+        second = make_trainer(max_epochs=2, default_root_dir=tmp_path / "c",
+                              resume_from_checkpoint=first.checkpoint_path)
     resumed = tp.fresh_net()
     second.fit(resumed, tp.loader())
     assert (second.global_step, second.current_epoch) == (14, 2)
