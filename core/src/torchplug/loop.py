@@ -52,6 +52,7 @@ from torchplug.checkpointing import Checkpointing
 from torchplug.data import EpochBatches, Window
 from torchplug.errors import MisconfigurationError
 from torchplug.lightning_args import accumulation
+from torchplug.lightning_plugins import entering_yielded
 from torchplug.losscheck import LossCheck, loss_of
 from torchplug.metrics import to_floats
 from torchplug.module import MetricStore
@@ -138,7 +139,7 @@ class FitLoop(Checkpointing, ValidationSchedule):
                 for batch_idx, batch, is_last in window:
                     hooks.on_train_batch_start(trainer=trainer, batch=batch, batch_idx=batch_idx)
                     args = hooks.on_before_forward(model=model, args=(batch, batch_idx))
-                    with nullcontext() if is_last else hooks.block_backward_sync(model=model):
+                    with nullcontext() if is_last else entering_yielded(hooks.block_backward_sync(model=model)):
                         output = self._run_batch(args, batch_idx, epoch, window, is_last)
                     hooks.on_train_batch_end(trainer=trainer, outputs=output, batch=args[0], batch_idx=batch_idx)
                     self.outputs.progress.update()

@@ -31,8 +31,10 @@ from torchplug.arguments import (
     iterable,
 )
 from torchplug.batchlimits import check_loaders
+from torchplug.discovery import installed_plugins
 from torchplug.errors import MisconfigurationError, PluginError
 from torchplug.hookcalls import Hooks
+from torchplug.lightning_plugins import check_required_plugins
 from torchplug.manager import PluginManager, get_plugin_manager
 from torchplug.modulehooks import check_module_methods, registered
 from torchplug.plan import Plan, build_plan
@@ -207,6 +209,7 @@ class Trainer(PluginFacingTrainer):
         #: what this Trainer will run, and why (torchplug.plan); ranks compare its fingerprint
         self.plan: Plan = build_plan(self)
         self.hooks = Hooks(self.pm)
+        check_required_plugins(self)
         self.hooks.check_configuration(trainer=self)
 
         # Set by fit; Lightning's names. global_step, current_epoch and callback_metrics are
@@ -255,6 +258,11 @@ class Trainer(PluginFacingTrainer):
     @property
     def is_global_zero(self) -> bool:
         return self.global_rank == 0
+
+    @classmethod
+    def available_plugins(cls) -> list[str]:
+        """Lightning 1.1's classmethod: the names of the installed plugins (``torchplug plugins``; none is imported)."""
+        return sorted({ep.name for ep in installed_plugins()})
 
     @property
     def plugin_names(self) -> list[str]:
