@@ -5,6 +5,7 @@ is refused at registration naming the plugin and the fix. The 2-rank all-reduce 
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterator
 from contextlib import AbstractContextManager, contextmanager
 from typing import Any
@@ -130,3 +131,80 @@ def test_available_plugins_lists_the_installed_plugin_names_without_importing_th
     names = Trainer.available_plugins()
     assert names == sorted({ep.name for ep in discovery.installed_plugins()})
     assert {"ddp", "native_amp", "apex", "tensorboard"} <= set(names)
+
+
+# -- on_train_batch_start returning -1 (Lightning 1.x: skip the rest of the epoch) ----------------
+class EpochEvents(Plugin):
+    def __init__(self, stop_at: int | None = None) -> None:
+        self.stop_at = stop_at
+        self.log: list[str] = []
+
+    def on_train_batch_start(self, trainer: Any, batch_idx: int) -> int | None:
+        self.log.append(f"batch {trainer.current_epoch}:{batch_idx}")
+        return -1 if trainer.current_epoch == 0 and batch_idx == self.stop_at else None
+
+    def on_train_epoch_end(self, epoch: int) -> None:
+        self.log.append(f"epoch end {epoch}")
+
+    def on_validation_end(self) -> None:
+        self.log.append("validation")
+
+
+def hand_loop_skipping(tp: Any, model: nn.Module, epochs: int, accumulate: int, skip_at: int) -> None:
+    """Epoch 0 stops at batch ``skip_at`` (not trained); the open window's gradients are dropped."""
+    import torch
+
+    opt = tp.make_optimizers(model, model.lr, None)
+    model.train()
+    for epoch in range(epochs):
+        train = tp.loader()
+        n = len(train)
+        for i, (x, y) in enumerate(train):
+            if epoch == 0 and i == skip_at:
+                break
+            start = i - i % accumulate
+            window = min(accumulate, n - start)
+            (torch.nn.functional.cross_entropy(model(x), y) / window).backward()
+            if i + 1 == start + window:
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+        opt.zero_grad(set_to_none=True)
+        model.eval()
+        with torch.no_grad():
+            for x, _ in tp.loader(n=24, shuffle=False, seed=1):
+                model(x)
+        model.train()
+
+
+@pytest.mark.parametrize("where", ["module", "plugin"])
+def test_on_train_batch_start_returning_minus_one_skips_the_rest_of_the_epoch(tp: Any, make_trainer: Any,
+                                                                             where: str) -> None:
+    import torch
+
+    class SkipsInEpoch0(tp.Net):  # type: ignore[misc, name-defined]
+        def on_train_batch_start(self, batch: Any, batch_idx: int, dataloader_idx: int) -> int | None:
+            return -1 if self.current_epoch == 0 and batch_idx == 3 else None
+
+    events = EpochEvents(stop_at=3 if where == "plugin" else None)
+    model = tp.fresh_net()
+    if where == "module":
+        skipping = SkipsInEpoch0()
+        skipping.load_state_dict(model.state_dict())
+        model = skipping
+    torch.manual_seed(1234)  # after the models are built: both sides draw the same dropout masks and shuffles
+    trainer = make_trainer(max_epochs=2, accumulate_grad_batches=2, callbacks=[events], logger=False,
+                           enable_checkpointing=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no "the loader ended early" warning: the skip was asked for
+        trainer.fit(model, tp.loader(), tp.loader(n=24, shuffle=False, seed=1))
+    # Epoch 0: batches 0-1 (one step), batch 2 backward then dropped with its window, 3-6 skipped;
+    # epoch 1 in full: windows 2, 2, 2, 1.
+    assert trainer.global_step == 1 + 4
+    assert trainer.current_epoch == 2
+    assert events.log == ["batch 0:0", "batch 0:1", "batch 0:2", "batch 0:3", "epoch end 0", "validation",
+                          *[f"batch 1:{i}" for i in range(7)], "epoch end 1", "validation"]
+    torch.manual_seed(1234)
+    reference = tp.fresh_net()
+    hand_loop_skipping(tp, reference, epochs=2, accumulate=2, skip_at=3)
+    for (name, a), b in zip(model.state_dict().items(), reference.state_dict().values()):
+        assert torch.equal(a, b), name

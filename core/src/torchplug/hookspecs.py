@@ -812,14 +812,19 @@ def on_epoch_end(trainer: Trainer) -> None:
 
 
 @hookspec
-def on_train_batch_start(trainer: Trainer, batch: Any, batch_idx: int) -> None:
+def on_train_batch_start(trainer: Trainer, batch: Any, batch_idx: int) -> int | None:
     """A training micro-batch is about to run, before ``on_before_forward``.
 
     :param trainer: the Trainer.
     :param batch: the batch as the loader gave it.
     :param batch_idx: its index in the epoch.
+    :returns: ``-1`` to skip the rest of the epoch (Lightning 1.x), else ``None``.
 
-    Convention: all called, once per micro-batch. Lightning module:
+    Convention: all called, once per micro-batch; if any implementation (a plugin's or the
+    module's) returns ``-1``, this batch and the rest of the epoch are skipped: an accumulation
+    window it interrupts is dropped (its gradients discarded, no step), then the epoch ends as
+    usual (``training_epoch_end`` … validation, ``last.ckpt``) and the next one starts normally.
+    With several processes, return it on every rank at the same batch. Lightning module:
     ``on_train_batch_start(self, batch, batch_idx, dataloader_idx)`` (``dataloader_idx`` is 0).
     """
 

@@ -7,7 +7,8 @@ step happens. An epoch is a sequence of accumulation windows (:mod:`torchplug.da
         on_validation_end; metrics discarded, RNG restored] → on_train_start
     per epoch: on_epoch_start → on_train_epoch_start (accumulation: the schedule's entry for the epoch)
     per window, per micro-batch:
-        on_train_batch_start → on_before_forward → [block_backward_sync, entered unless last of the window]
+        on_train_batch_start (-1: skip the rest of the epoch, dropping an open window)
+            → on_before_forward → [block_backward_sync, entered unless last of the window]
             → forward_context → training_step → on_before_backward
             → backward(loss / window length, sync_gradients) → on_after_backward
         at the window's last micro-batch, the optimizer step:
@@ -135,16 +136,20 @@ class FitLoop(Checkpointing, ValidationSchedule):
             model.train()
             self.position.phase = "train"
             window: Window | None = None
+            skipped = False
             for window in self.batches.windows(epoch, accumulate):
                 for batch_idx, batch, is_last in window:
-                    hooks.on_train_batch_start(trainer=trainer, batch=batch, batch_idx=batch_idx)
+                    starts = hooks.on_train_batch_start(trainer=trainer, batch=batch, batch_idx=batch_idx)
+                    if starts and any(type(r) is int and r == -1 for r in starts):
+                        skipped = True  # Lightning 1.x: -1 skips the rest of the epoch
+                        break
                     args = hooks.on_before_forward(model=model, args=(batch, batch_idx))
                     with nullcontext() if is_last else entering_yielded(hooks.block_backward_sync(model=model)):
                         output = self._run_batch(args, batch_idx, epoch, window, is_last)
                     hooks.on_train_batch_end(trainer=trainer, outputs=output, batch=args[0], batch_idx=batch_idx)
                     self.outputs.progress.update()
-                if window.open:
-                    break  # the loader ran dry inside this window
+                if skipped or window.open:
+                    break  # on_train_batch_start returned -1, or the loader ran dry inside this window
                 if self.mid_epoch_validation_due(epoch, window):
                     self.validate()  # val_check_interval: after the window's step, at "after this batch"
                 if self.max_steps_reached() or state.should_stop:  # should_stop: a plain bool, no host read
@@ -153,7 +158,10 @@ class FitLoop(Checkpointing, ValidationSchedule):
                     self._finish()
                     return
                 self.stop.check()
-            if (window is not None and window.open) or not self._epoch_trained():
+            if skipped:
+                for optimizer in self.optimizers:  # the interrupted window's gradients
+                    optimizer.zero_grad(set_to_none=True)
+            elif (window is not None and window.open) or not self._epoch_trained():
                 self._drop_open_window(epoch)
             self._end_epoch(epoch)
         self._finish()

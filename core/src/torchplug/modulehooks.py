@@ -36,7 +36,7 @@ if TYPE_CHECKING:
 #: The name the adapter is registered under (``Hooks.wrap_error`` lets its errors through unchanged).
 PLUGIN_NAME = "torchplug.module"
 
-Call = Callable[..., None]
+Call = Callable[..., Any]
 
 
 def _optimizer_index(trainer: Trainer, optimizer: Any) -> int:
@@ -243,8 +243,8 @@ def _cut(method: Any) -> Call:
         return cast(Call, method)
     n = int(arity)
 
-    def call(*args: Any) -> None:
-        method(*args[:n])
+    def call(*args: Any) -> Any:
+        return method(*args[:n])  # on_train_batch_start's -1 skips the rest of the epoch
 
     return call
 
