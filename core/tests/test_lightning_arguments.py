@@ -106,6 +106,30 @@ def test_ddp_cpu_with_num_processes_selects_the_ddp_plugin_on_the_cpu(make_train
         assert make_trainer(gpus=0).accelerator == "cpu"
 
 
+@pytest.mark.parametrize(("old", "value", "new", "expected"), [
+    ("distributed_backend", "ddp", "strategy", "ddp"),
+    ("checkpoint_callback", False, "enable_checkpointing", False),
+    ("progress_bar_refresh_rate", 0, "enable_progress_bar", False),
+    ("progress_bar_refresh_rate", 20, "enable_progress_bar", True),
+    ("terminate_on_nan", True, "on_nonfinite_loss", "error"),
+    ("terminate_on_nan", False, "on_nonfinite_loss", "ignore"),
+])
+def test_renamed_lightning_arguments_run_as_todays_with_a_warning(tmp_path: Path, old: str, value: Any, new: str,
+                                                                  expected: Any) -> None:
+    from torchplug import Trainer
+
+    with pytest.warns(LightningSpellingWarning, match=rf"Trainer\({old}=.*runs it as Trainer\({new}="):
+        trainer = Trainer(default_root_dir=tmp_path, autoload_plugins=False, **{old: value})
+    assert getattr(trainer, new) == expected
+    assert trainer.arguments[new] == expected
+    assert old not in trainer.arguments  # workers rebuild it from today's spelling: no second warning
+
+
+def test_an_unknown_keyword_is_a_type_error_naming_it_and_the_closest_argument(make_trainer: Any) -> None:
+    with pytest.raises(TypeError, match=r"unexpected keyword argument 'max_epoch'; did you mean 'max_epochs'\?"):
+        make_trainer(max_epoch=3)
+
+
 # -- fast_dev_run ---------------------------------------------------------------------------
 @pytest.mark.parametrize("value", [True, 2])
 def test_fast_dev_run_runs_n_batches_of_one_epoch_and_writes_nothing(tp: Any, make_trainer: Any, tmp_path: Path,

@@ -239,4 +239,74 @@ def accumulation(schedule: dict[int, int], epoch: int) -> int:
     return schedule[max(k for k in schedule if k <= epoch)]
 
 
-__all__ = ["accumulation", "check_limit", "check_schedule", "fast_dev_run_overrides", "map_spellings"]
+
+
+#: Lightning 1.1 Trainer arguments renamed since: (today's name, today's value from the old one)
+RENAMED: dict[str, tuple[str, Callable[[Any], Any]]] = {
+    "distributed_backend": ("strategy", lambda v: v),
+    "checkpoint_callback": ("enable_checkpointing", lambda v: v),
+    "progress_bar_refresh_rate": ("enable_progress_bar",
+                                  lambda v: v if isinstance(v, bool) or not isinstance(v, int) else v > 0),
+    "terminate_on_nan": ("on_nonfinite_loss", lambda v: ("error" if v else "ignore") if isinstance(v, bool) else v),
+}
+
+#: Lightning 1.1 Trainer arguments torchplug has no counterpart for, and what to do instead
+RETIRED: dict[str, str] = {
+    "auto_lr_find": "torchplug has no tuner: choose the learning rate in configure_optimizers",
+    "auto_scale_batch_size": "torchplug has no tuner: choose the batch size in your DataLoader",
+    "auto_select_gpus": "choose the GPUs with CUDA_VISIBLE_DEVICES and pass accelerator='gpu', devices=N",
+    "tpu_cores": "TPUs are not supported: use accelerator='gpu' or 'cpu'",
+    "profiler": "TORCHPLUG_TRACE=trace.json writes every hook call with its duration (chrome://tracing), or run "
+                "torch.profiler around trainer.fit",
+    "weights_summary": "torchplug prints no model summary: drop it (print(model) shows the layers)",
+    "track_grad_norm": "log the norm from on_before_optimizer_step (torch.nn.utils.get_total_norm of the grads)",
+    "truncated_bptt_steps": "split the sequence inside training_step",
+    "automatic_optimization": "set automatic_optimization = False on the TrainingModule (as in Lightning >= 1.2)",
+    "enable_pl_optimizer": "drop it: self.optimizers() gives the wrapped optimizers when optimizing manually",
+    "overfit_batches": "pass limit_train_batches=n and the training loader as the validation loader too",
+    "min_epochs": "not supported: EarlyStopping(patience=...) or max_epochs bound the run",
+    "min_steps": "not supported: EarlyStopping(patience=...) or max_steps bound the run",
+    "flush_logs_every_n_steps": "metrics.csv is written every log_every_n_steps: set that",
+    "log_gpu_memory": "log torch.cuda.memory_allocated() with self.log in training_step",
+    "process_position": "drop it: torchplug shows one progress bar",
+    "weights_save_path": "pass ModelCheckpoint(dirpath=...) or default_root_dir",
+    "move_metrics_to_cpu": "drop it: logged metrics stay on the device until the logging interval and are then "
+                           "read to the host",
+    "prepare_data_per_node": "drop it",
+    "reload_dataloaders_every_epoch": "not supported: the loaders are iterated anew every epoch; build a new "
+                                      "DataLoader in a plugin's on_train_epoch_start if you need one",
+    "benchmark": "set torch.backends.cudnn.benchmark = True yourself before fit",
+    "replace_sampler_ddp": "the ddp plugin shards a loader without a DistributedSampler itself; pass your own "
+                           "DistributedSampler to keep control",
+    "sync_batchnorm": "convert the model yourself: torch.nn.SyncBatchNorm.convert_sync_batchnorm(model) before fit",
+}
+
+
+def map_retired(extra: dict[str, Any], args: dict[str, Any], signature: Any) -> dict[str, Any]:
+    """Today's arguments for the Lightning 1.1 keywords in ``extra`` (``Trainer(**extra)`` beyond
+    its signature): renamed ones mapped with a warning, retired ones refused with the fix, anything
+    else a ``TypeError`` naming it (with the closest argument), as Python's own."""
+    import difflib
+
+    mapped: dict[str, Any] = {}
+    for name, value in extra.items():
+        if name in RENAMED:
+            new, convert = RENAMED[name]
+            if args[new] != signature.parameters[new].default:
+                raise MisconfigurationError(
+                    f"{name}={value!r} (Lightning 1.1) and {new}={args[new]!r} are one setting; pass {new} only."
+                )
+            mapped[new] = convert(value)
+            _warn(f"{name}={value!r}", f"{new}={mapped[new]!r}")
+        elif name in RETIRED:
+            raise MisconfigurationError(f"Trainer({name}={value!r}) is a Lightning 1.1 argument torchplug does not "
+                                        f"have: {RETIRED[name]}.")
+        else:
+            close = difflib.get_close_matches(name, list(signature.parameters), n=1)
+            raise TypeError(f"Trainer.__init__() got an unexpected keyword argument {name!r}"
+                            + (f"; did you mean {close[0]!r}?" if close else ""))
+    return mapped
+
+
+__all__ = ["RENAMED", "RETIRED", "accumulation", "check_limit", "check_schedule", "fast_dev_run_overrides",
+           "map_retired", "map_spellings"]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import inspect
 import os
 import sys
 from collections.abc import Sequence
@@ -95,8 +96,13 @@ class Trainer(PluginFacingTrainer):
         resume_from_checkpoint: str | os.PathLike[str] | None = None,
         blocked_plugins: Sequence[str] = (),
         autoload_plugins: bool | None = None,
+        **lightning_1_1: Any,
     ) -> None:
-        self._init_args = {k: v for k, v in locals().items() if k not in ("self", "__class__")}
+        self._init_args = {k: v for k, v in locals().items() if k not in ("self", "__class__", "lightning_1_1")}
+        if lightning_1_1:  # Lightning 1.1's renamed arguments mapped (a warning each), its retired ones refused
+            renamed = lt.map_retired(lightning_1_1, self._init_args, inspect.signature(Trainer.__init__))
+            self.__init__(**{**self._init_args, **renamed})  # type: ignore[misc]
+            return
         # Lightning 1.1's spellings (gpus, num_processes, ddp_cpu, resume_from_checkpoint) warn once: workers
         # rebuild this Trainer from the mapped arguments.
         spelled = lt.map_spellings(self._init_args, torch.cuda.is_available)
