@@ -303,3 +303,9 @@ def test_an_accumulation_schedule_matches_a_hand_loop_and_resumes_mid_schedule(t
     again.fit(resumed, tp.loader(), ckpt_path=first.checkpoint_path)
     assert again.global_step == 14
     same_weights(resumed, trained)
+
+
+def test_the_accumulation_schedule_is_in_the_plan_and_its_fingerprint(make_trainer: Any) -> None:
+    first, second = (make_trainer(accumulate_grad_batches={1: n}).plan for n in (2, 3))
+    assert first.setting("accumulate_grad_batches").value == {"1": 2}
+    assert first.fingerprint != second.fingerprint  # ranks with different schedules are told apart
