@@ -41,7 +41,7 @@ class Events(Plugin):
         self.log.append(("train_start", trainer.global_step))
 
     def on_validation_start(self, trainer: Any) -> None:
-        self.log.append(("validation_start", trainer.global_step))
+        self.log.append(("sanity_start" if trainer.sanity_checking else "validation_start", trainer.global_step))
 
     def on_validation_batch_start(self) -> None:
         self.val_batches += 1
@@ -236,7 +236,7 @@ def test_sanity_validation_runs_before_training_discards_metrics_and_leaves_trai
         models.append(model)
     # The sanity run: `batches` validation batches, before on_train_start, and no on_validation_end.
     assert events.val_batches == batches
-    assert events.log == [("validation_start", 0), ("train_start", 0)]
+    assert events.log == [("sanity_start", 0), ("train_start", 0)]  # trainer.sanity_checking during it
     assert "val_loss" not in trainer.callback_metrics
     assert "val_loss" not in read_csv(Path(trainer.log_dir or "") / "metrics.csv")
     same_weights(models[0], models[1])  # shuffled val loader and dropout: the RNG was restored

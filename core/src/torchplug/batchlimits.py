@@ -82,6 +82,8 @@ class ValidationSchedule:
 
     def schedule_validation(self, train_loader: Any) -> None:
         trainer = self.trainer
+        #: ``trainer.sanity_checking``
+        self.sanity_checking = False
         #: validation batches (None: all, 0: validation off)
         self.val_limit = resolve_limit("limit_val_batches", trainer.limit_val_batches, self.val_loader)
         #: training batches between mid-epoch validations; None: at the epoch's end only
@@ -111,7 +113,11 @@ class ValidationSchedule:
         (training draws the same numbers as without it)."""
         if self.trainer.num_sanity_val_steps and self.val_loader is not None and self.val_limit != 0:
             rng = self.batches.rng_snapshot()
-            self.validate(sanity=True)
+            self.sanity_checking = True
+            try:
+                self.validate(sanity=True)
+            finally:
+                self.sanity_checking = False
             self.batches.rng_restore(rng)
 
 

@@ -150,7 +150,7 @@ class FitLoop(Checkpointing, ValidationSchedule):
                     self.outputs.progress.update()
                 if skipped or window.open:
                     break  # on_train_batch_start returned -1, or the loader ran dry inside this window
-                if self.mid_epoch_validation_due(epoch, window):
+                if self.val_every is not None and self.mid_epoch_validation_due(epoch, window):
                     self.validate()  # val_check_interval: after the window's step, at "after this batch"
                 if self.max_steps_reached() or state.should_stop:  # should_stop: a plain bool, no host read
                     if self._epoch_trained():
