@@ -194,7 +194,7 @@ BAD_ARGUMENTS = [
     ({"gradient_clip_val": float("nan")}, "gradient_clip_val must be a number"),
     ({"gradient_clip_norm_type": 0}, "gradient_clip_norm_type must be > 0"),
     ({"limit_train_batches": 0}, "limit_train_batches must be >= 1"),
-    ({"limit_train_batches": 0.5}, "limit_train_batches must be an integer"),
+    ({"limit_train_batches": 1.5}, "limit_train_batches as a float is a fraction of the loader's batches"),
     ({"limit_val_batches": -1}, "limit_val_batches must be >= 0"),
     ({"check_val_every_n_epoch": 0}, "check_val_every_n_epoch must be >= 1"),
     ({"log_every_n_steps": 0}, "log_every_n_steps must be >= 1"),

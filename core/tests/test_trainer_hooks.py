@@ -87,7 +87,7 @@ def expected_fit(epochs: int, n_batches: int, accumulate: int, clip: bool, n_val
 def test_hook_order_with_accumulation_clipping_validation_and_checkpoints(tp: Any, make_trainer: Any) -> None:
     recorder = Recorder()
     trainer = make_trainer(plugins=[recorder], max_epochs=2, accumulate_grad_batches=2, gradient_clip_val=1.0)
-    assert recorder.calls == ["check_configuration"]  # from Trainer.__init__
+    assert recorder.calls == ["required_plugins", "check_configuration"]  # from Trainer.__init__
     recorder.calls.clear()
     # 40 samples / 8 = 5 batches: windows of 2, 2, 1; 24 / 12 = 2 validation batches
     trainer.fit(tp.fresh_net(), tp.loader(n=40), tp.loader(n=24, batch_size=12, shuffle=False))
@@ -96,7 +96,7 @@ def test_hook_order_with_accumulation_clipping_validation_and_checkpoints(tp: An
     assert trainer.global_step == 6
     # What never fires in one process without a DDP wrapper, apex, a resume or an error (the plan
     # handshake, all_gather_object, runs with several processes only):
-    fired = {call.split(":")[0] for call in recorder.calls} | {"check_configuration"}
+    fired = {call.split(":")[0] for call in recorder.calls} | {"required_plugins", "check_configuration"}
     assert set(HOOK_NAMES) - fired == {"configure_apex", "get_model_from_plugin", "data_parallel_group", "barrier",
                                        "broadcast", "all_gather_object", "load_state_dicts", "on_load_checkpoint",
                                        "load_sharded_state", "on_exception"} | TEST_AND_PREDICT_HOOKS

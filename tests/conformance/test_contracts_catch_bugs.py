@@ -194,13 +194,14 @@ from torchplug_ddp import DDPPlugin
 from torchplug.testing.conformance import StrategyPluginContract
 
 
-class Lightning11DDP(DDPPlugin):
-    """Lightning 1.1's bug: the no_sync context is yielded, never entered; and the wrapper is
-    handed back as "the user's module"."""
+class ForgetsNoSync(DDPPlugin):
+    """A block_backward_sync that blocks nothing (Lightning 1.1's DDPPlugin had that effect by
+    yielding no_sync() unentered, which the core now enters); and the wrapper is handed back as
+    "the user's module"."""
 
     @contextlib.contextmanager
     def _blocker(self, model):
-        yield model.no_sync()
+        yield  # no model.no_sync(): every micro-batch all-reduces
 
     def block_backward_sync(self, model):
         return self._blocker(model)
@@ -209,10 +210,10 @@ class Lightning11DDP(DDPPlugin):
         return model
 
 
-class TestLightning11DDP(StrategyPluginContract):
+class TestForgetsNoSync(StrategyPluginContract):
     @pytest.fixture
     def plugin_factory(self):
-        return lambda: Lightning11DDP(timeout=60)
+        return lambda: ForgetsNoSync(timeout=60)
 
 
 class NoGather(DDPPlugin):
@@ -234,17 +235,17 @@ class TestNoGather(StrategyPluginContract):
 @pytest.mark.timeout(300)
 def test_a_strategy_that_syncs_inside_block_backward_sync_fails(tmp_path: Path) -> None:
     results = _run_suite(tmp_path, "test_ddp_mutant", STRATEGY_PLUGINS,
-                         "-k", "(TestLightning11DDP and (no_gradient_sync or round_trips or exactly_one)) "
+                         "-k", "(TestForgetsNoSync and (no_gradient_sync or round_trips or exactly_one)) "
                                "or (TestNoGather and all_gather)")
-    outcome, text = results["TestLightning11DDP::test_no_gradient_sync_inside_block_backward_sync"]
+    outcome, text = results["TestForgetsNoSync::test_no_gradient_sync_inside_block_backward_sync"]
     assert outcome == "failed", results
     assert "Contract broken: no gradient all-reduce inside block_backward_sync" in text, text
     assert "all-reduced the gradients of 4 parameters through DDP" in text, text
-    outcome, text = results["TestLightning11DDP::test_get_model_from_plugin_round_trips"]
+    outcome, text = results["TestForgetsNoSync::test_get_model_from_plugin_round_trips"]
     assert outcome == "failed", results
     assert "get_model_from_plugin(configure_ddp(model)) is the user's module" in text, text
     # Syncing every micro-batch still all-reduces each gradient once in the window's last one.
-    assert results["TestLightning11DDP::test_exactly_one_gradient_sync_after_block_backward_sync"][0] == "passed"
+    assert results["TestForgetsNoSync::test_exactly_one_gradient_sync_after_block_backward_sync"][0] == "passed"
     outcome, text = results["TestNoGather::test_all_gather_object_returns_every_rank_in_rank_order"]
     assert outcome == "failed", results
     assert "all_gather_object returns every rank's object, in rank order" in text, text

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 from torchplug.errors import (
     CheckpointError,
+    LightningSpellingWarning,
     MisconfigurationError,
     NonFiniteLossError,
     PlanChangedError,
@@ -79,6 +80,7 @@ __all__ = [
     "CheckpointError",
     "DataModule",
     "FitOutcome",
+    "LightningSpellingWarning",
     "MisconfigurationError",
     "ModelTransform",
     "NonFiniteLossError",

@@ -51,10 +51,22 @@ def check_arguments(plugin: object, attr: str, hook_name: str) -> None:
     """Reject an implementation that asks for an argument the hook does not pass (pluggy's
     own check, with the hook's arguments in the message)."""
     try:
-        params = inspect.signature(getattr(plugin, attr)).parameters.values()
+        params = list(inspect.signature(getattr(plugin, attr)).parameters.values())
     except (TypeError, ValueError):
         return
     spec_args = inspect.signature(getattr(hookspecs, hook_name)).parameters
+    star = [("*" if p.kind is p.VAR_POSITIONAL else "**") + p.name for p in params
+            if p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
+    if star:
+        # pluggy passes hook arguments by name, never into *args/**kwargs: Lightning 1.1's
+        # on_before_forward(self, model, *args) would get no batch and break the step later.
+        raise PluginValidationError(
+            f"Plugin {label(plugin)} ({object_origin(plugin)}) implements hook {hook_name!r} as "
+            f"{signature(plugin, attr)}, with {', '.join(star)}: hook arguments are passed by name, "
+            f"so it would receive nothing there. Name the arguments you use: {hook_name}({', '.join(spec_args)})"
+            + (" (args is the tuple (batch, batch_idx); return new args, or None)" if hook_name == "on_before_forward"
+               else "") + "."
+        )
     unknown = [p.name for p in params
                if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD) and p.default is p.empty
                and p.name not in spec_args]

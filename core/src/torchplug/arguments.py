@@ -3,6 +3,8 @@ naming the argument and the value, before any work."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 from torchplug.errors import MisconfigurationError
@@ -56,3 +58,32 @@ def check_devices(devices: Any) -> int | str | None:
     if isinstance(devices, bool) or not isinstance(devices, int) or devices < 1:
         raise MisconfigurationError(f"devices must be a positive integer or 'auto', got {devices!r}")
     return devices
+
+
+def check_plugin_list(plugins: Sequence[object] | object | None) -> list[object]:
+    """``plugins=``: names, plugin objects and modules, or one of them alone."""
+    if plugins is None:
+        return []
+    items = [plugins] if isinstance(plugins, (str, bytes)) or not isinstance(plugins, Sequence) else list(plugins)
+    for item in items:
+        if item is None or isinstance(item, (bool, int, float, complex, bytes, dict, list, tuple, set, Path)):
+            raise MisconfigurationError(
+                f"plugins= takes plugin names (str), plugin objects and modules; got {item!r} "
+                f"({type(item).__name__})."
+            )
+    return items
+
+
+def check_callback_list(callbacks: Sequence[object] | object | None) -> list[object]:
+    """``callbacks=``: callback objects, or one alone."""
+    if callbacks is None:
+        return []
+    items = [callbacks] if isinstance(callbacks, (str, bytes)) or not isinstance(callbacks, Sequence) \
+        else list(callbacks)
+    for item in items:
+        if item is None or isinstance(item, (str, bytes, type, bool, int, float, dict, list, tuple, set, Path)):
+            raise MisconfigurationError(
+                f"callbacks= takes callback objects (torchplug.Plugin instances, e.g. EarlyStopping(...)); got "
+                f"{item!r} ({type(item).__name__}). Select an installed plugin by name with plugins=[...]."
+            )
+    return items

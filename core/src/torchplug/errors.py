@@ -64,3 +64,8 @@ class PlanChangedError(CheckpointError):
 
 class PlanChangedWarning(UserWarning):
     """A run resumes from a checkpoint written under a different plan, or one without a plan."""
+
+
+class LightningSpellingWarning(FutureWarning):
+    """A Trainer argument written as Lightning 1.1 spelled it (``gpus=2``, ``num_processes=2``,
+    ``resume_from_checkpoint=``): it runs as today's spelling, which the message names."""

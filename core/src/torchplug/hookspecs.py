@@ -100,6 +100,22 @@ def check_configuration(trainer: Trainer) -> None:
 
 
 @hookspec
+def required_plugins(trainer: Trainer, amp_backend: str) -> list[Any] | None:
+    """The plugins this plugin needs beside it: Lightning 1.1's ``Plugin.required_plugins``.
+
+    :param trainer: the Trainer being constructed, its plugins resolved.
+    :param amp_backend: ``trainer.amp_backend`` (Lightning 1.1 passed it).
+    :returns: what must be active: plugin names (``trainer.plugin_names``), plugin classes or
+        plugin objects (an active plugin of that class), or ``None``/``[]`` for nothing.
+
+    Convention: all called, from ``Trainer.__init__``, after the plugins are resolved and before
+    ``check_configuration``. Each requirement that no active plugin meets is refused there, before
+    any work, naming both plugins and the fix (``Trainer(plugins=[...])``): unlike Lightning 1.1,
+    torchplug adds no plugin itself, so selection stays what ``trainer.plan`` shows.
+    """
+
+
+@hookspec
 def setup_environment(trainer: Trainer) -> None:
     """Prepare this process for the run: process group, device, seeds.
 
@@ -361,7 +377,10 @@ def block_backward_sync(model: nn.Module) -> AbstractContextManager[Any] | None:
     Convention: firstresult. The core ENTERS the returned context around the forward AND the
     backward of every micro-batch but the last of an accumulation window; the last runs outside
     it and performs the one gradient all-reduce of the window. Return the context manager, do
-    not enter it yourself. The ``ddp`` plugin returns ``model.no_sync()``.
+    not enter it yourself. The ``ddp`` plugin returns ``model.no_sync()``. When the returned
+    context's ``__enter__`` gives another context manager (a ``@contextmanager`` that yields
+    ``model.no_sync()``, as Lightning 1.1's DDPPlugin did without entering it), the core enters
+    that one too, so the sync really is blocked.
     """
 
 
@@ -842,14 +861,19 @@ def on_epoch_end(trainer: Trainer) -> None:
 
 
 @hookspec
-def on_train_batch_start(trainer: Trainer, batch: Any, batch_idx: int) -> None:
+def on_train_batch_start(trainer: Trainer, batch: Any, batch_idx: int) -> int | None:
     """A training micro-batch is about to run, before ``on_before_forward``.
 
     :param trainer: the Trainer.
     :param batch: the batch as the loader gave it.
     :param batch_idx: its index in the epoch.
+    :returns: ``-1`` to skip the rest of the epoch (Lightning 1.x), else ``None``.
 
-    Convention: all called, once per micro-batch. Lightning module:
+    Convention: all called, once per micro-batch; if any implementation (a plugin's or the
+    module's) returns ``-1``, this batch and the rest of the epoch are skipped: an accumulation
+    window it interrupts is dropped (its gradients discarded, no step), then the epoch ends as
+    usual (``training_epoch_end`` … validation, ``last.ckpt``) and the next one starts normally.
+    With several processes, return it on every rank at the same batch. Lightning module:
     ``on_train_batch_start(self, batch, batch_idx, dataloader_idx)`` (``dataloader_idx`` is 0).
     """
 

@@ -3,10 +3,12 @@
 ``FitLoop.train`` is the loop, in execution order; every hook is called on the line where its
 step happens. An epoch is a sequence of accumulation windows (:mod:`torchplug.data`)::
 
-    on_fit_start → on_train_start
-    per epoch: on_epoch_start → on_train_epoch_start
+    on_fit_start → [num_sanity_val_steps > 0: the validation hooks over that many batches, but
+        on_validation_end; metrics discarded, RNG restored] → on_train_start
+    per epoch: on_epoch_start → on_train_epoch_start (accumulation: the schedule's entry for the epoch)
     per window, per micro-batch:
-        on_train_batch_start → on_before_forward → [block_backward_sync, entered unless last of the window]
+        on_train_batch_start (-1: skip the rest of the epoch, dropping an open window)
+            → on_before_forward → [block_backward_sync, entered unless last of the window]
             → forward_context → training_step → on_before_backward
             → backward(loss / window length, sync_gradients) → on_after_backward
         at the window's last micro-batch, the optimizer step:
@@ -16,6 +18,7 @@ step happens. An epoch is a sequence of accumulation windows (:mod:`torchplug.da
             → LR schedulers (interval "step"; not after a skipped step)
             → [on_log_metrics every log_every_n_steps]
         → on_train_batch_end
+        → [val_check_interval reached after the window's step: the validation below, mid-epoch]
         → trainer.should_stop? (ends the fit like max_steps)
     training_epoch_end(outputs) → on_train_epoch_end → on_epoch_end → on_log_metrics
     → validation: on_validation_start → on_validation_epoch_start
@@ -47,10 +50,13 @@ from typing import TYPE_CHECKING, Any, cast
 
 import torch
 
+from torchplug.batchlimits import ValidationSchedule, resolve_limit
 from torchplug.checkpointing import Checkpointing
 from torchplug.data import EpochBatches, Window
 from torchplug.errors import MisconfigurationError
 from torchplug.evaluation import VALIDATION, per_loader, reduced, run_epoch
+from torchplug.lightning_args import accumulation
+from torchplug.lightning_plugins import entering_yielded
 from torchplug.losscheck import LossCheck, loss_of
 from torchplug.metrics import to_floats
 from torchplug.module import MetricStore
@@ -73,7 +79,7 @@ if TYPE_CHECKING:
     from torchplug.trainer import Trainer
 
 
-class FitLoop(Checkpointing):
+class FitLoop(Checkpointing, ValidationSchedule):
     """Trains, validates and checkpoints one process's prepared parts."""
 
     def __init__(self, trainer: Trainer, parts: Prepared, state: RunState, outputs: RunOutputs,
@@ -91,7 +97,9 @@ class FitLoop(Checkpointing):
         self.stop = stop
         self.position = position
         self.metrics = metrics
-        self.batches = EpochBatches(parts.train_loader, trainer.limit_train_batches, state, position)
+        self.batches = EpochBatches(parts.train_loader, resolve_limit(
+            "limit_train_batches", trainer.limit_train_batches, parts.train_loader), state, position)
+        self.schedule_validation(parts.train_loader)
         self.losses = LossCheck(trainer.on_nonfinite_loss, parts.device)
         self._saved_at: tuple[int, int, int] | None = None
         #: what this epoch's training steps returned, while someone implements training_epoch_end
@@ -113,13 +121,15 @@ class FitLoop(Checkpointing):
     # -- the loop ----------------------------------------------------------------------------
     def train(self) -> None:
         trainer, hooks, state, model = self.trainer, self.hooks, self.state, self.model
-        accumulate = trainer.accumulate_grad_batches
         # A wrapper from configure_ddp runs training_step itself (inside DDP's forward).
         self._training_step = cast(StepModule, self.module).training_step if model is self.module else model
         hooks.on_fit_start(trainer=trainer, model=self.module)
+        self.sanity_check()
         hooks.on_train_start(trainer=trainer)
         while not self.finished():
             epoch = state.epoch
+            # accumulate_grad_batches={epoch: n}: the schedule's n, in trainer.accumulate_grad_batches as in Lightning
+            accumulate = trainer.accumulate_grad_batches = accumulation(trainer.accumulation_schedule, epoch)
             self.epoch_outputs = None
             if "training_epoch_end" in hooks.implemented:
                 self.epoch_outputs = [[] for _ in self.optimizers] if self.per_optimizer else []
@@ -129,23 +139,32 @@ class FitLoop(Checkpointing):
             model.train()
             self.position.phase = "train"
             window: Window | None = None
+            skipped = False
             for window in self.batches.windows(epoch, accumulate):
                 for batch_idx, batch, is_last in window:
-                    hooks.on_train_batch_start(trainer=trainer, batch=batch, batch_idx=batch_idx)
+                    starts = hooks.on_train_batch_start(trainer=trainer, batch=batch, batch_idx=batch_idx)
+                    if starts and any(type(r) is int and r == -1 for r in starts):
+                        skipped = True  # Lightning 1.x: -1 skips the rest of the epoch
+                        break
                     args = hooks.on_before_forward(model=model, args=(batch, batch_idx))
-                    with nullcontext() if is_last else hooks.block_backward_sync(model=model):
+                    with nullcontext() if is_last else entering_yielded(hooks.block_backward_sync(model=model)):
                         output = self._run_batch(args, batch_idx, epoch, window, is_last)
                     hooks.on_train_batch_end(trainer=trainer, outputs=output, batch=args[0], batch_idx=batch_idx)
                     self.outputs.progress.update()
-                if window.open:
-                    break  # the loader ran dry inside this window
+                if skipped or window.open:
+                    break  # on_train_batch_start returned -1, or the loader ran dry inside this window
+                if self.val_every is not None and self.mid_epoch_validation_due(epoch, window):
+                    self.validate()  # val_check_interval: after the window's step, at "after this batch"
                 if self.max_steps_reached() or state.should_stop:  # should_stop: a plain bool, no host read
                     if self._epoch_trained():
                         self._end_epoch(epoch)  # the epoch still ends if its last batch was trained
                     self._finish()
                     return
                 self.stop.check()
-            if (window is not None and window.open) or not self._epoch_trained():
+            if skipped:
+                for optimizer in self.optimizers:  # the interrupted window's gradients
+                    optimizer.zero_grad(set_to_none=True)
+            elif (window is not None and window.open) or not self._epoch_trained():
                 self._drop_open_window(epoch)
             self._end_epoch(epoch)
         self._finish()
@@ -267,8 +286,7 @@ class FitLoop(Checkpointing):
             self.metrics.epoch_end = False
         self.metrics.end_train_epoch()
         self.log_train(pending)
-        if self.val_loader is not None and trainer.limit_val_batches != 0 \
-                and (epoch + 1) % trainer.check_val_every_n_epoch == 0:
+        if self.validates_after(epoch):
             self.validate()
         for sched in self.schedulers:
             if sched.interval != "epoch" or self.manual:
@@ -326,11 +344,14 @@ class FitLoop(Checkpointing):
             optimizer.zero_grad(set_to_none=True)
 
     # -- validation and metrics --------------------------------------------------------------
-    def validate(self) -> dict[str, float]:
+    def validate(self, sanity: bool = False) -> dict[str, float]:
         trainer, hooks = self.trainer, self.hooks
         keep = VALIDATION.epoch_end in hooks.implemented  # outputs are collected only for someone
-        epoch = run_epoch(trainer, self.module, [self.val_loader], VALIDATION, trainer.limit_val_batches,
-                          self.position, self.metrics, keep, between_batches=self.stop.check)
+        limit = self.sanity_limit() if sanity else self.val_limit
+        epoch = run_epoch(trainer, self.module, [self.val_loader], VALIDATION, limit, self.position, self.metrics,
+                          keep, between_batches=self.stop.check)
+        if sanity:  # the sanity check's metrics are discarded
+            return {}
         result = reduced(trainer, self.device, per_loader(epoch)[0])
         self.state.callback_metrics.update(result)
         hooks.on_validation_end(trainer=trainer, metrics=result)

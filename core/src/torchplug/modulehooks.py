@@ -38,7 +38,7 @@ PLUGIN_NAME = "torchplug.module"
 DATAMODULE_PLUGIN_NAME = "torchplug.datamodule"
 HPARAMS_PLUGIN_NAME = "torchplug.hparams"
 
-Call = Callable[..., None]
+Call = Callable[..., Any]
 
 
 def _optimizer_index(trainer: Trainer, optimizer: Any) -> int:
@@ -248,8 +248,8 @@ def _cut(method: Any) -> Call:
         return cast(Call, method)
     n = int(arity)
 
-    def call(*args: Any) -> None:
-        method(*args[:n])
+    def call(*args: Any) -> Any:
+        return method(*args[:n])  # on_train_batch_start's -1 skips the rest of the epoch
 
     return call
 

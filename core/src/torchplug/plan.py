@@ -378,6 +378,8 @@ def _jsonable(value: Any) -> Any:
         return value
     if isinstance(value, (list, tuple)):
         return [_jsonable(v) for v in value]
+    if isinstance(value, dict):  # accumulate_grad_batches={epoch: n}: the schedule is numerics
+        return {str(k): _jsonable(v) for k, v in sorted(value.items(), key=lambda item: str(item[0]))}
     if isinstance(value, types.ModuleType):
         return f"module {value.__name__}"
     return f"{type(value).__qualname__} object"

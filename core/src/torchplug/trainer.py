@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import inspect
 import os
 import sys
 from collections.abc import Sequence
@@ -14,6 +15,7 @@ from torch import nn
 
 from torchplug import checkpoint as ckpt
 from torchplug import evalrun
+from torchplug import lightning_args as lt
 from torchplug.arguments import (
     ACCELERATORS,
     AMP_BACKENDS,
@@ -22,16 +24,20 @@ from torchplug.arguments import (
     PRECISIONS,
     RESUME_PLAN,
     SINGLE_PROCESS,
+    check_callback_list,
     check_devices,
     check_int,
     check_number,
-    check_optional_int,
+    check_plugin_list,
     check_type,
     iterable,
 )
+from torchplug.batchlimits import check_loaders
 from torchplug.datamodule import datamodule_loaders, staged
+from torchplug.discovery import installed_plugins
 from torchplug.errors import MisconfigurationError, PluginError
 from torchplug.hookcalls import Hooks
+from torchplug.lightning_plugins import check_required_plugins
 from torchplug.manager import PluginManager, get_plugin_manager
 from torchplug.modulehooks import check_module_methods, registered
 from torchplug.plan import Plan, build_plan
@@ -64,18 +70,23 @@ class Trainer(PluginFacingTrainer):
         accelerator: str | None = None,
         strategy: str | None = None,
         devices: int | str | None = None,
+        gpus: int | str | list[int] | None = None,
+        num_processes: int | None = None,
         num_nodes: int = 1,
         precision: int | str = 32,
         amp_backend: str = "native",
         amp_level: str | None = None,
         max_epochs: int | None = None,
         max_steps: int | None = -1,
-        accumulate_grad_batches: int = 1,
+        fast_dev_run: bool | int = False,
+        accumulate_grad_batches: int | dict[int, int] = 1,
         gradient_clip_val: float | None = 0.0,
         gradient_clip_norm_type: float = 2.0,
-        limit_train_batches: int | None = None,
-        limit_val_batches: int | None = None,
+        limit_train_batches: int | float | None = None,
+        limit_val_batches: int | float | None = None,
         check_val_every_n_epoch: int = 1,
+        val_check_interval: int | float = 1.0,
+        num_sanity_val_steps: int = 0,
         log_every_n_steps: int = 50,
         enable_progress_bar: bool = True,
         enable_checkpointing: bool = True,
@@ -85,10 +96,27 @@ class Trainer(PluginFacingTrainer):
         on_nonfinite_loss: str = "error",
         checkpoint_weights_only: bool = True,
         resume_plan: str = "warn",
+        resume_from_checkpoint: str | os.PathLike[str] | None = None,
         blocked_plugins: Sequence[str] = (),
         autoload_plugins: bool | None = None,
+        **lightning_1_1: Any,
     ) -> None:
-        self._init_args = {k: v for k, v in locals().items() if k not in ("self", "__class__")}
+        self._init_args = {k: v for k, v in locals().items() if k not in ("self", "__class__", "lightning_1_1")}
+        if lightning_1_1:  # Lightning 1.1's renamed arguments mapped (a warning each), its retired ones refused
+            renamed = lt.map_retired(lightning_1_1, self._init_args, inspect.signature(Trainer.__init__))
+            self.__init__(**{**self._init_args, **renamed})  # type: ignore[misc]
+            return
+        # Lightning 1.1's spellings (gpus, num_processes, ddp_cpu, resume_from_checkpoint) warn once: workers
+        # rebuild this Trainer from the mapped arguments.
+        spelled = lt.map_spellings(self._init_args, torch.cuda.is_available)
+        accelerator, strategy, devices = spelled["accelerator"], spelled["strategy"], spelled["devices"]
+        self.resume_from_checkpoint = lt.check_resume_argument(resume_from_checkpoint)
+        self._init_args.update(spelled, gpus=None, num_processes=None, resume_from_checkpoint=None)
+        #: fast_dev_run's batches (0: off); it overrides the run's length, the metrics file and checkpoints
+        self.fast_dev_run = lt.fast_dev_run_batches(fast_dev_run)
+        if self.fast_dev_run:
+            (max_epochs, max_steps, limit_train_batches, limit_val_batches, val_check_interval, check_val_every_n_epoch,
+             num_sanity_val_steps, logger, enable_checkpointing) = lt.fast_dev_run_overrides(self.fast_dev_run)
         # Lightning 1.1 spelled the strategy as an accelerator: accelerator="ddp".
         if accelerator is not None and not isinstance(accelerator, str):
             raise MisconfigurationError(
@@ -131,14 +159,19 @@ class Trainer(PluginFacingTrainer):
         if self.max_steps == 0:
             raise MisconfigurationError("max_steps must be positive, or -1 for no limit; got 0")
         self.max_epochs = max_epochs if max_epochs is not None else (1000 if self.max_steps == -1 else None)
-        self.accumulate_grad_batches = check_int("accumulate_grad_batches", accumulate_grad_batches, minimum=1)
+        #: ``{epoch: n}``: from that epoch on, n micro-batches per step (an int argument is ``{0: n}``)
+        self.accumulation_schedule = lt.check_schedule(accumulate_grad_batches)
+        #: the accumulation in effect (the loop sets it at every epoch's start, as Lightning's scheduler did)
+        self.accumulate_grad_batches = lt.accumulation(self.accumulation_schedule, 0)
         self.gradient_clip_val = 0.0 if gradient_clip_val is None else check_number(
             "gradient_clip_val", gradient_clip_val, minimum=0.0)
         self.gradient_clip_norm_type = check_number(
             "gradient_clip_norm_type", gradient_clip_norm_type, minimum=0.0, exclusive=True)
-        self.limit_train_batches = check_optional_int("limit_train_batches", limit_train_batches, minimum=1)
-        self.limit_val_batches = check_optional_int("limit_val_batches", limit_val_batches, minimum=0)
+        self.limit_train_batches = lt.check_limit("limit_train_batches", limit_train_batches, minimum=1)
+        self.limit_val_batches = lt.check_limit("limit_val_batches", limit_val_batches, minimum=0)
         self.check_val_every_n_epoch = check_int("check_val_every_n_epoch", check_val_every_n_epoch, minimum=1)
+        self.val_check_interval = lt.check_val_check_interval(val_check_interval)
+        self.num_sanity_val_steps = lt.check_sanity_steps(num_sanity_val_steps)
         self.log_every_n_steps = check_int("log_every_n_steps", log_every_n_steps, minimum=1)
         self.enable_progress_bar = check_type("enable_progress_bar", enable_progress_bar, bool)
         self.enable_checkpointing = check_type("enable_checkpointing", enable_checkpointing, bool)
@@ -174,36 +207,18 @@ class Trainer(PluginFacingTrainer):
             raise MisconfigurationError(f"blocked_plugins must be a list of plugin names, got {blocked_plugins!r}")
         check_type("autoload_plugins", autoload_plugins, (bool, type(None)))
 
-        if plugins is None:
-            plugins = []
-        elif isinstance(plugins, (str, bytes)) or not isinstance(plugins, Sequence):
-            plugins = [plugins]
-        for item in plugins:
-            if item is None or isinstance(item, (bool, int, float, complex, bytes, dict, list, tuple, set, Path)):
-                raise MisconfigurationError(
-                    f"plugins= takes plugin names (str), plugin objects and modules; got {item!r} "
-                    f"({type(item).__name__})."
-                )
-        if callbacks is None:
-            callbacks = []
-        elif not isinstance(callbacks, Sequence) or isinstance(callbacks, (str, bytes)):
-            callbacks = [callbacks]
-        for item in callbacks:
-            if item is None or isinstance(item, (str, bytes, type, bool, int, float, dict, list, tuple, set, Path)):
-                raise MisconfigurationError(
-                    f"callbacks= takes callback objects (torchplug.Plugin instances, e.g. EarlyStopping(...)); got "
-                    f"{item!r} ({type(item).__name__}). Select an installed plugin by name with plugins=[...]."
-                )
-        self._trainer_callbacks: list[object] = list(callbacks)
+        plugins, callbacks = check_plugin_list(plugins), check_callback_list(callbacks)
+        self._trainer_callbacks: list[object] = callbacks
         self._module_callbacks: list[object] = []
         self._module_callbacks_for: int | None = None
         self.pm: PluginManager = get_plugin_manager(
-            list(plugins) + self._trainer_callbacks, role_defaults=self._role_defaults(), blocked=list(blocked_plugins),
+            plugins + self._trainer_callbacks, role_defaults=self._role_defaults(), blocked=list(blocked_plugins),
             autoload=autoload_plugins
         )
         #: what this Trainer will run, and why (torchplug.plan); ranks compare its fingerprint
         self.plan: Plan = build_plan(self)
         self.hooks = Hooks(self.pm)
+        check_required_plugins(self)
         self.hooks.check_configuration(trainer=self)
 
         # Set by fit; Lightning's names. global_step, current_epoch and callback_metrics are
@@ -253,6 +268,11 @@ class Trainer(PluginFacingTrainer):
     def is_global_zero(self) -> bool:
         return self.global_rank == 0
 
+    @classmethod
+    def available_plugins(cls) -> list[str]:
+        """Lightning 1.1's classmethod: the names of the installed plugins (``torchplug plugins``; none is imported)."""
+        return sorted({ep.name for ep in installed_plugins()})
+
     @property
     def plugin_names(self) -> list[str]:
         """The active plugins, in registration order, without the built-in defaults."""
@@ -295,16 +315,21 @@ class Trainer(PluginFacingTrainer):
     def _fit(self, model: nn.Module, train_dataloaders: Any, val_dataloaders: Any,
              ckpt_path: str | os.PathLike[str] | None, datamodule: Any) -> None:
         if not getattr(model, "automatic_optimization", True) and (
-                self.accumulate_grad_batches > 1 or self.gradient_clip_val > 0):
+                max(self.accumulation_schedule.values()) > 1 or self.gradient_clip_val > 0):
             raise MisconfigurationError(
                 f"{type(model).__name__} optimizes manually (automatic_optimization = False), so the Trainer "
-                f"neither accumulates nor clips: drop accumulate_grad_batches={self.accumulate_grad_batches} and "
+                f"neither accumulates nor clips: drop accumulate_grad_batches="
+                f"{self._init_args['accumulate_grad_batches']} and "
                 f"gradient_clip_val={self.gradient_clip_val}, and do both in training_step."
             )
         if ckpt_path is not None and not isinstance(ckpt_path, (str, os.PathLike)):
             raise MisconfigurationError(f"ckpt_path must be a path, got {ckpt_path!r} ({type(ckpt_path).__name__})")
+        ckpt_path = lt.fit_checkpoint(self.resume_from_checkpoint, ckpt_path)
         train_loader, val_loader = resolve_loaders(model, train_dataloaders, val_dataloaders)
+        check_loaders(self, train_loader, val_loader)
         self._use_module_callbacks(model)
+        if self.fast_dev_run:
+            _say(lt.fast_dev_run_note(self.fast_dev_run))
         resume = None
         if ckpt_path is not None:
             # Read and match against the model before any work: a bad file fails here.

@@ -5,6 +5,7 @@ Trainer (``core/tests/test_plugin_api.py`` fails when one touches a private attr
 
 * ``trainer.model`` / ``trainer.lightning_module``: the user's module, from the fit's setup on;
 * ``trainer.fitting``: a fit is running in this process; ``trainer.arguments``: its arguments;
+* ``trainer.sanity_checking``: the ``num_sanity_val_steps`` validation before training runs;
 * ``trainer.should_stop``: set it to end the fit at the end of the current optimizer step (or
   epoch), like ``max_steps`` does;
 * ``trainer.reduce_boolean_decision(decision, all=False)``: one decision for every rank;
@@ -13,7 +14,9 @@ Trainer (``core/tests/test_plugin_api.py`` fails when one touches a private attr
   ``trainer.callback_metrics`` (the last value of everything logged);
 * ``trainer.save_checkpoint(path)`` (in trainer.py): a checkpoint in the trainer's own format;
 * ``trainer.val_dataloaders``, ``trainer.lr_scheduler_configs``, ``trainer.log_dir``,
-  ``trainer.is_global_zero``, ``trainer.global_step``, ``trainer.current_epoch``.
+  ``trainer.is_global_zero``, ``trainer.global_step``, ``trainer.current_epoch``;
+* ``trainer.fast_dev_run`` (its batches, 0: off; a logger or checkpoint callback then writes no
+  file) and ``trainer.accumulate_grad_batches`` (the accumulation of the current epoch).
 
 The module's own callbacks (``TrainingModule.configure_callbacks``) are registered here too.
 """
@@ -75,6 +78,12 @@ class PluginFacingTrainer:
         ``Trainer.validate``, whose ``on_validation_end`` a callback may then ignore)."""
         run = self._run
         return run is not None and run.loop is not None and not run.stop.stopping
+
+    @property
+    def sanity_checking(self) -> bool:
+        """Whether the ``num_sanity_val_steps`` validation before training is running (Lightning's name)."""
+        run = self._run
+        return run is not None and run.loop is not None and run.loop.sanity_checking
 
     @property
     def should_stop(self) -> bool:

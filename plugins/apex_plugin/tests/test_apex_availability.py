@@ -183,7 +183,8 @@ def test_only_the_test_subclass_runs_without_cuda(
     variable); only the tests' CPUApexPlugin subclass runs without it (against a CPU fake of apex)."""
     apex_path(FAKE_APEX)  # type: ignore[operator]
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    assert list(inspect.signature(ApexPlugin).parameters) == ["amp_level"]
+    # trainer: Lightning 1.1's constructor argument, accepted with a warning and unused (no CUDA switch)
+    assert list(inspect.signature(ApexPlugin).parameters) == ["amp_level", "trainer"]
     plugin = plugin_class()
     assert plugin.plugin_name == "apex"
     if allowed:

@@ -193,7 +193,8 @@ class CountingDDP(Recorder):
 
 
 class Lightning11DDP(CountingDDP):
-    """Lightning 1.1's bug: the context manager yields ``no_sync()`` without entering it."""
+    """Lightning 1.1's DDPPlugin: the context manager yields ``no_sync()`` without entering it (there,
+    the bug: every micro-batch synchronised; torchplug enters the yielded one)."""
 
     @contextmanager
     def _not_entered(self, model: nn.Module) -> Iterator[Any]:

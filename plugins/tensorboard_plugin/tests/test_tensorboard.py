@@ -54,6 +54,16 @@ def test_hyperparameters_and_an_explicit_folder(tmp_path: Path) -> None:
     assert [step for step, _ in read_scalars(folder)["val_loss"]] == [2]
 
 
+def test_a_fast_dev_run_writes_no_event_file(tmp_path: Path) -> None:
+    folder = tmp_path / "tb"
+    trainer = Trainer(**quiet(tmp_path / "run", fast_dev_run=2, plugins=[TensorBoardLogger(log_dir=folder)]))
+    trainer.fit(TinyMLP(), tiny_loader(n=32, batch_size=8), tiny_loader(n=8))
+    assert trainer.global_step == 2
+    assert not folder.exists()
+    assert not (tmp_path / "run").exists()
+    Trainer(**quiet(tmp_path / "run", fast_dev_run=True, plugins=["tensorboard"]))  # no run folder: no refusal
+
+
 def test_without_a_run_folder_it_is_refused_before_any_work(tmp_path: Path) -> None:
     with pytest.raises(MisconfigurationError, match=r"TensorBoardLogger.*log_dir=") as info:
         Trainer(**quiet(tmp_path, logger=False, enable_checkpointing=False, plugins=["tensorboard"]))

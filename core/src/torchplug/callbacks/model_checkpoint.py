@@ -108,7 +108,7 @@ class ModelCheckpoint(StatefulCallback):
 
     # -- hooks -------------------------------------------------------------------------------
     def check_configuration(self, trainer: Trainer) -> None:
-        if not trainer.enable_checkpointing:
+        if not trainer.enable_checkpointing and not trainer.fast_dev_run:  # fast_dev_run: _save writes nothing
             raise MisconfigurationError(
                 "ModelCheckpoint (torchplug.callbacks, distribution torchplug) is in the callbacks, but "
                 "Trainer(enable_checkpointing=False) turns checkpointing off. Drop one of the two."
@@ -163,6 +163,8 @@ class ModelCheckpoint(StatefulCallback):
         return bool(self.every_n_epochs) and (trainer.current_epoch + 1) % self.every_n_epochs == 0
 
     def _save(self, trainer: Trainer, where: str) -> None:
+        if trainer.fast_dev_run:
+            return  # Lightning's semantics: a fast_dev_run writes no checkpoint
         position = (trainer.current_epoch, trainer.global_step)
         if self._saved_at == position:
             return  # resumed from the checkpoint of this very save

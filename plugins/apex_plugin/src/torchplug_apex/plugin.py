@@ -44,6 +44,8 @@ from torch import nn
 from torch.optim import Optimizer
 
 from torchplug import CheckpointError, MisconfigurationError, Plugin
+from torchplug.lightning_plugins import warn_trainer_argument
+from torchplug.trainer_api import PluginFacingTrainer
 from torchplug.utils import mark_scheduler_step, warn_at_caller
 from torchplug_apex._detect import DISTRIBUTION, ApexUnavailableError, load_amp
 
@@ -92,6 +94,7 @@ def _apex_deprecation_silenced() -> Iterator[None]:
 class ApexPlugin(Plugin):
     """Mixed precision with NVIDIA apex amp (``apex.amp.initialize``/``scale_loss``), apex <= 25.05.
 
+    :param trainer: Lightning 1.1's constructor argument: accepted with a ``LightningSpellingWarning``, unused.
     :param amp_level: the apex opt level, ``"O0"`` to ``"O3"``. ``None``: the Trainer's
         ``amp_level``, else ``"O2"`` (Lightning 1.1's default).
 
@@ -112,7 +115,10 @@ class ApexPlugin(Plugin):
     #: driving a CPU fake of ``apex.amp`` sets it to ``False``.
     _needs_cuda: ClassVar[bool] = True
 
-    def __init__(self, amp_level: str | None = None) -> None:
+    def __init__(self, amp_level: str | None = None, *, trainer: object = None) -> None:
+        if trainer is not None or isinstance(amp_level, PluginFacingTrainer):  # ApexPlugin(trainer), Lightning 1.1
+            warn_trainer_argument("ApexPlugin", DISTRIBUTION)
+            amp_level = None if trainer is None else amp_level
         if amp_level is not None and amp_level not in AMP_LEVELS:
             raise MisconfigurationError(
                 f"ApexPlugin ({DISTRIBUTION}): amp_level must be one of {', '.join(AMP_LEVELS)} (the letter O), "

@@ -25,6 +25,8 @@ from torch import nn
 from torch.optim import Optimizer
 
 from torchplug import CheckpointError, MisconfigurationError, Plugin
+from torchplug.lightning_plugins import warn_trainer_argument
+from torchplug.trainer_api import PluginFacingTrainer
 from torchplug.utils import optimizer_params, warn_at_caller
 
 if TYPE_CHECKING:
@@ -42,6 +44,7 @@ class NativeAMPPlugin(Plugin):
 
     :param precision: ``16`` (fp16 with dynamic loss scaling) or ``"bf16"`` (no scaler).
         ``None``: the Trainer's ``precision`` when it is 16 or ``"bf16"``, else 16.
+    :param trainer: Lightning 1.1's constructor argument: accepted with a ``LightningSpellingWarning``, unused.
     :param init_scale: the GradScaler's first loss scale (fp16 only).
     :param growth_factor: factor the scale grows by after ``growth_interval`` clean steps (> 1).
     :param backoff_factor: factor the scale shrinks by after a step with inf/NaN gradients
@@ -60,11 +63,15 @@ class NativeAMPPlugin(Plugin):
         self,
         precision: int | str | None = None,
         *,
+        trainer: object = None,
         init_scale: float = 2.0**16,
         growth_factor: float = 2.0,
         backoff_factor: float = 0.5,
         growth_interval: int = 2000,
     ) -> None:
+        if trainer is not None or isinstance(precision, PluginFacingTrainer):  # NativeAMPPlugin(trainer), Lightning 1.1
+            warn_trainer_argument("NativeAMPPlugin", DISTRIBUTION)
+            precision = None if trainer is None else precision
         self.requested_precision = None if precision is None else _parse_precision(precision)
         #: "16" or "bf16" once resolved against the Trainer (``check_configuration``).
         self.precision: str | None = self.requested_precision

@@ -47,6 +47,8 @@ class TensorBoardLogger(Plugin):
                 "_writer": None, "written_dir": None}
 
     def check_configuration(self, trainer: Trainer) -> None:
+        if trainer.fast_dev_run:
+            return  # a fast_dev_run writes no logger files (Lightning's semantics): on_fit_start opens no writer
         if self.log_dir is None and not (trainer.logger or trainer.enable_checkpointing):
             raise MisconfigurationError(
                 "TensorBoardLogger (plugin 'tensorboard', distribution torchplug-tensorboard) writes into the run "
@@ -55,7 +57,7 @@ class TensorBoardLogger(Plugin):
             )
 
     def on_fit_start(self, trainer: Trainer, model: nn.Module) -> None:
-        if not trainer.is_global_zero:
+        if not trainer.is_global_zero or trainer.fast_dev_run:
             return
         from torch.utils.tensorboard import SummaryWriter  # imported on use: tensorboard is slow to import
 
