@@ -2,6 +2,11 @@
 ``trainer.save_checkpoint``. ``collect_state`` runs on every process first (a sharded
 optimizer or model gathers there); rank 0 then builds the dict (``get_state_dicts`` →
 ``on_save_checkpoint``) and writes it atomically (:mod:`torchplug.checkpoint`).
+
+Every checkpoint is captured at one defined point, the run state's resume position (epoch,
+stage, batch in epoch, global step: :mod:`torchplug.state`), with the RNG states that point
+starts from: the current ones, or those where the accumulation window or validation now
+running started (``RunState.resume_rng``), which a resume then replays whole.
 """
 
 from __future__ import annotations
@@ -37,13 +42,17 @@ class Checkpointing:
     outputs: RunOutputs
     batches: EpochBatches
     losses: LossCheck
-    _saved_at: tuple[int, int, int] | None
+    _saved_at: tuple[int, int, int, str] | None
+
+    def resume_position(self) -> tuple[int, int, int, str]:
+        """Where a checkpoint written now resumes: (epoch, batch in epoch, global step, stage)."""
+        state = self.state
+        return state.epoch, state.batch_in_epoch, state.global_step, state.stage
 
     def checkpoint(self) -> None:
         """``last.ckpt`` of the current position, unless it was just written."""
         self.losses.flush(self.state.global_step)  # never checkpoint weights a non-finite loss reached
-        state = self.state
-        position = (state.epoch, state.batch_in_epoch, state.global_step)
+        position = self.resume_position()
         if not self.trainer.enable_checkpointing or self._saved_at == position:
             return
         self.hooks.collect_state(trainer=self.trainer)  # every rank: rank 0 alone writes
@@ -74,7 +83,8 @@ class Checkpointing:
             "torchplug_version": __version__,
             **self.state.to_checkpoint(),
             **training_state(weights, optimizer_states, self.schedulers),
-            "rng_states": self.batches.rng_snapshot(),
+            # the RNG states where the resume point starts (torchplug.state: the capture point)
+            "rng_states": self.batches.rng_snapshot() if self.state.resume_rng is None else self.state.resume_rng,
             "plugins": self.trainer.plugin_names,
             # provenance: compared with the resuming run's plan (torchplug.provenance)
             "plan": self.trainer.plan.to_dict(),

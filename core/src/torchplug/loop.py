@@ -63,7 +63,7 @@ from torchplug.optimization import (
 from torchplug.outputs import RunOutputs
 from torchplug.prepare import Prepared, StepModule
 from torchplug.signals import StopRequest
-from torchplug.state import Position, RunState
+from torchplug.state import STAGES, TRAIN, Position, RunState
 from torchplug.utils import warn_at_caller
 
 if TYPE_CHECKING:
@@ -90,7 +90,7 @@ class FitLoop(Checkpointing):
         self.metrics = metrics
         self.batches = EpochBatches(parts.train_loader, trainer.limit_train_batches, state, position)
         self.losses = LossCheck(trainer.on_nonfinite_loss, parts.device)
-        self._saved_at: tuple[int, int, int] | None = None
+        self._saved_at: tuple[int, int, int, str] | None = None
         #: what this epoch's training steps returned, while someone implements training_epoch_end
         self.epoch_outputs: list[Any] | None = None
         #: rank 0's trained weights (``get_state_dicts``), for a fit in worker processes
@@ -118,6 +118,9 @@ class FitLoop(Checkpointing):
         while not self.finished():
             epoch = state.epoch
             self.epoch_outputs = None
+            if state.stage != TRAIN:  # resumed from a checkpoint written during this epoch's end
+                self._end_epoch(epoch)
+                continue
             if "training_epoch_end" in hooks.implemented:
                 self.epoch_outputs = [[] for _ in self.optimizers] if self.per_optimizer else []
             hooks.on_epoch_start(trainer=trainer)
@@ -242,8 +245,20 @@ class FitLoop(Checkpointing):
                     sched.scheduler.step()
         state.global_step += 1
         state.batch_in_epoch = batch_idx + 1
+        state.resume_rng = None  # the window is complete: a checkpoint now resumes from the current RNG
         if state.global_step % trainer.log_every_n_steps == 0:
             self.log_train()
+
+    def _enter(self, stage: str, advance: bool = True) -> bool:
+        """Whether the epoch end's ``stage`` is still to run (a resumed run skips those its
+        checkpoint counted as done); if so, the run state moves past it before its hooks run, so a
+        checkpoint written from them resumes after it (:mod:`torchplug.state`, the capture point)."""
+        index = STAGES.index(stage)
+        if STAGES.index(self.state.stage) > index:
+            return False
+        if advance:
+            self.state.stage = STAGES[index + 1]
+        return True
 
     def _end_epoch(self, epoch: int) -> None:
         trainer, state = self.trainer, self.state
@@ -255,18 +270,22 @@ class FitLoop(Checkpointing):
         pending = self.take_logged()
         self.metrics.epoch_end = True  # a self.log in these hooks logs an epoch value
         try:
-            if self.epoch_outputs is not None:
+            if self._enter("training_epoch_end") and self.epoch_outputs is not None:
                 outputs, self.epoch_outputs = self.epoch_outputs, None
                 self.hooks.training_epoch_end(trainer=trainer, outputs=outputs)
-            self.hooks.on_train_epoch_end(trainer=trainer, epoch=epoch)
-            self.hooks.on_epoch_end(trainer=trainer)
+            if self._enter("on_train_epoch_end"):
+                self.hooks.on_train_epoch_end(trainer=trainer, epoch=epoch)
+            if self._enter("on_epoch_end"):
+                self.hooks.on_epoch_end(trainer=trainer)
         finally:
             self.metrics.epoch_end = False
         self.metrics.end_train_epoch()
         self.log_train(pending)
-        if self.val_loader is not None and trainer.limit_val_batches != 0 \
-                and (epoch + 1) % trainer.check_val_every_n_epoch == 0:
-            self.validate()
+        if self._enter("validation", advance=False):  # validate() moves on just before on_validation_end
+            if self.val_loader is not None and trainer.limit_val_batches != 0 \
+                    and (epoch + 1) % trainer.check_val_every_n_epoch == 0:
+                self.validate()
+            state.stage = "epoch_close"
         for sched in self.schedulers:
             if sched.interval != "epoch" or self.manual:
                 continue
@@ -284,6 +303,7 @@ class FitLoop(Checkpointing):
         state.epoch = epoch + 1
         state.batch_in_epoch = 0
         state.epoch_rng = None
+        state.stage = TRAIN
         self.checkpoint()
 
     def _finish(self) -> None:
@@ -292,7 +312,7 @@ class FitLoop(Checkpointing):
         self.outputs.progress.close()
         self.checkpoint()
         if self.trainer.launched_copy:  # the weights go back to the process that called fit
-            if self._saved_at != (self.state.epoch, self.state.batch_in_epoch, self.state.global_step):
+            if self._saved_at != self.resume_position():
                 self.hooks.collect_state(trainer=self.trainer)  # every rank; checkpoint() did not
             if self.trainer.is_global_zero:
                 self.final_weights, _ = self.hooks.get_state_dicts(trainer=self.trainer, model=self.module,
@@ -337,6 +357,9 @@ class FitLoop(Checkpointing):
         phase = self.position.phase
         self.position.phase, self.position.batch = "validation", 0
         outputs: list[Any] | None = [] if "validation_epoch_end" in hooks.implemented else None
+        in_fit = self.state.stage == "validation"
+        if in_fit:  # a checkpoint written during the validation resumes at its start, from these RNG states
+            self.state.resume_rng = self.batches.rng_snapshot()
         try:
             hooks.on_validation_start(trainer=trainer)
             hooks.on_validation_epoch_start(trainer=trainer)
@@ -365,6 +388,8 @@ class FitLoop(Checkpointing):
                    for name, value in values.items()}
         result = to_floats(reduced)
         self.state.callback_metrics.update(result)
+        if in_fit:  # validated: a checkpoint from on_validation_end resumes after it
+            self.state.stage, self.state.resume_rng = "epoch_close", None
         hooks.on_validation_end(trainer=trainer, metrics=result)
         self.log_train(result)  # with what plugins logged in on_validation_end: one row for the event
         return result
