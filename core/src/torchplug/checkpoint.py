@@ -159,15 +159,26 @@ def check_matches(checkpoint: Mapping[str, Any], model: nn.Module, path: str | o
         )
 
 
-def rng_states() -> dict[str, Any]:
-    """Every global random generator's state, in a weights_only-loadable form."""
-    version, internal, gauss = random.getstate()
-    states: dict[str, Any] = {"torch": torch.get_rng_state(), "python": [version, list(internal), gauss]}
+def capture_rng() -> tuple[Any, ...]:
+    """Every global random generator's state as it comes, cheaply (~12 us on a CPU, where
+    :func:`rng_states` takes ~60 us): what the loop keeps at each window start, converted by
+    :func:`rng_states` only when a checkpoint is written."""
+    cuda = None
     if torch.cuda.is_available() and torch.cuda.is_initialized():  # type: ignore[no-untyped-call]
-        states["cuda"] = torch.cuda.get_rng_state_all()
+        cuda = torch.cuda.get_rng_state_all()
     numpy = sys.modules.get("numpy")
-    if numpy is not None:
-        kind, keys, pos, has_gauss, cached = numpy.random.get_state()
+    return torch.get_rng_state(), random.getstate(), cuda, numpy.random.get_state() if numpy is not None else None
+
+
+def rng_states(captured: tuple[Any, ...] | None = None) -> dict[str, Any]:
+    """Every global random generator's state (or ``captured``'s, from :func:`capture_rng`), in a
+    weights_only-loadable form."""
+    torch_state, (version, internal, gauss), cuda, numpy_state = captured if captured is not None else capture_rng()
+    states: dict[str, Any] = {"torch": torch_state, "python": [version, list(internal), gauss]}
+    if cuda is not None:
+        states["cuda"] = cuda
+    if numpy_state is not None:
+        kind, keys, pos, has_gauss, cached = numpy_state
         states["numpy"] = [kind, torch.from_numpy(keys.astype("int64")), pos, has_gauss, cached]
     return states
 

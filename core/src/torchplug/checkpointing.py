@@ -84,7 +84,7 @@ class Checkpointing:
             **self.state.to_checkpoint(),
             **training_state(weights, optimizer_states, self.schedulers),
             # the RNG states where the resume point starts (torchplug.state: the capture point)
-            "rng_states": self.batches.rng_snapshot() if self.state.resume_rng is None else self.state.resume_rng,
+            "rng_states": self.batches.rng_snapshot(self.state.resume_rng),
             "plugins": self.trainer.plugin_names,
             # provenance: compared with the resuming run's plan (torchplug.provenance)
             "plan": self.trainer.plan.to_dict(),

@@ -129,7 +129,9 @@ class FitLoop(Checkpointing):
             model.train()
             self.position.phase = "train"
             window: Window | None = None
-            for window in self.batches.windows(epoch, accumulate):
+            # The RNG states at each window's start (~12 us) where a checkpoint can fall inside a window:
+            # with accumulation, and with several processes, where a signal interrupts at once.
+            for window in self.batches.windows(epoch, accumulate, capture=accumulate > 1 or trainer.world_size > 1):
                 for batch_idx, batch, is_last in window:
                     hooks.on_train_batch_start(trainer=trainer, batch=batch, batch_idx=batch_idx)
                     args = hooks.on_before_forward(model=model, args=(batch, batch_idx))
@@ -359,7 +361,7 @@ class FitLoop(Checkpointing):
         outputs: list[Any] | None = [] if "validation_epoch_end" in hooks.implemented else None
         in_fit = self.state.stage == "validation"
         if in_fit:  # a checkpoint written during the validation resumes at its start, from these RNG states
-            self.state.resume_rng = self.batches.rng_snapshot()
+            self.state.resume_rng = self.batches.rng_capture()
         try:
             hooks.on_validation_start(trainer=trainer)
             hooks.on_validation_epoch_start(trainer=trainer)

@@ -64,7 +64,7 @@ class RunState:
     stage: str = TRAIN
     #: RNG states where the unit now running (an accumulation window, a validation) started: a
     #: checkpoint written inside it resumes there, so its draws are not made twice; None between units
-    resume_rng: dict[str, Any] | None = None
+    resume_rng: tuple[Any, ...] | None = None  # (EpochBatches.rng_capture)
 
     def to_checkpoint(self) -> dict[str, Any]:
         return {
