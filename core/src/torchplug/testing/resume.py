@@ -36,6 +36,8 @@ POINTS = ("step", "window", "epoch_end", "validation_end")
 MAX_EPOCHS = 3
 #: the optimizer step after which ``step.ckpt`` is written and SIGTERM is sent (second epoch)
 STEP_AT = {"shuffle": 10, "steplr": 10, "accumulate3": 4}
+#: the same on 2 ranks (4 batches a rank and epoch: 4 steps, or windows of 3 and 1)
+STEP_AT_2_RANKS = {"shuffle": 6, "steplr": 6, "accumulate3": 3}
 
 
 class ResumeNet(TrainingModule):
@@ -152,12 +154,20 @@ class ResumeProbe(Plugin):
         return next(epoch for event, epoch in self.events if event == f"saved {name}")
 
 
+def optimizer_tensors(optimizer: Any, model: nn.Module) -> list[dict[str, torch.Tensor]]:
+    """Per parameter of ``model``, the state tensors this process's optimizer holds for it (a
+    ZeRO ``ZeroRedundancyOptimizer``: its local shard's optimizer, empty for the others' parameters)."""
+    local = getattr(optimizer, "optim", optimizer)
+    return [{k: v.clone() for k, v in local.state.get(p, {}).items() if isinstance(v, torch.Tensor)}
+            for p in model.parameters()]
+
+
 def final_state(model: nn.Module, trainer: Any) -> dict[str, Any]:
     """What a resumed run must reproduce exactly: weights, optimizer and scheduler states, counters."""
     optimizer = trainer.optimizers[0]
     return {
         "weights": {k: v.detach().clone() for k, v in model.state_dict().items()},
-        "momentum": [optimizer.state[p]["momentum_buffer"].clone() for p in model.parameters()],
+        "optimizer": optimizer_tensors(optimizer, model),
         "lr": optimizer.param_groups[0]["lr"],
         "schedulers": [c.scheduler.state_dict() for c in trainer.lr_scheduler_configs],
         "global_step": trainer.global_step,
@@ -174,11 +184,25 @@ def differences(a: dict[str, Any], b: dict[str, Any]) -> list[str]:
     for name, tensor in a["weights"].items():
         if not torch.equal(tensor, b["weights"][name]):
             found.append(f"weight {name} differs by {(tensor - b['weights'][name]).abs().max().item():.3g}")
-    for index, (x, y) in enumerate(zip(a["momentum"], b["momentum"])):
-        if not torch.equal(x, y):
-            found.append(f"momentum buffer {index} differs by {(x - y).abs().max().item():.3g}")
+    for index, (x, y) in enumerate(zip(a["optimizer"], b["optimizer"])):
+        if x.keys() != y.keys():
+            found.append(f"optimizer state of parameter {index}: {sorted(x)} != {sorted(y)}")
+        for key in x.keys() & y.keys():
+            if not torch.equal(x[key], y[key]):
+                found.append(f"optimizer {key} of parameter {index} differs by {(x[key] - y[key]).abs().max():.3g}")
     return found
 
 
-__all__ = ["MAX_EPOCHS", "POINTS", "STEP_AT", "VARIANTS", "ResumeNet", "ResumeProbe", "differences", "final_state",
-           "loaders"]
+__all__ = [
+    "MAX_EPOCHS",
+    "POINTS",
+    "STEP_AT",
+    "STEP_AT_2_RANKS",
+    "VARIANTS",
+    "ResumeNet",
+    "ResumeProbe",
+    "differences",
+    "final_state",
+    "loaders",
+    "optimizer_tensors",
+]
