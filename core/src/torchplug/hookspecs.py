@@ -619,11 +619,20 @@ def collect_state(trainer: Trainer) -> None:
     :param trainer: the Trainer.
 
     Convention: all called, on EVERY process, right before rank 0 builds a checkpoint
-    (``last.ckpt``, ``trainer.save_checkpoint``) and before the trained weights are handed back
-    after fit. It may run collectives: a sharded optimizer consolidates its state here
-    (``ZeroRedundancyOptimizer.consolidate_state_dict(to=0)``), a sharded model gathers its full
-    state dict. ``on_save_checkpoint`` (rank 0) then reads what was gathered, and
-    ``on_fit_end`` runs after the gather of the final weights.
+    (``last.ckpt``, the one on interrupt, ``trainer.save_checkpoint``) and before the trained
+    weights are handed back after fit. It may run collectives: a sharded optimizer consolidates
+    its state here (``ZeroRedundancyOptimizer.consolidate_state_dict(to=0)``), a sharded model
+    gathers its full state dict, and a plugin whose own checkpoint state is sharded (an EMA of
+    FSDP parameters) gathers it too, so that its ``on_save_checkpoint`` (rank 0) stores full
+    tensors. ``on_save_checkpoint`` then reads what was gathered, and ``on_fit_end`` runs after
+    the gather of the final weights.
+
+    ``trainer.save_checkpoint`` runs it too, so a plugin must call that on every rank at the
+    same point (as Lightning requires), e.g. from an event hook every rank runs. Called on rank
+    0 alone under a gathering strategy (ZeRO, FSDP), rank 0 enters a collective the other ranks
+    never join: the fit stops at the process group's timeout (or on the mismatched collectives)
+    with the strategy's error; under plain DDP, whose ``collect_state`` gathers nothing, rank 0
+    writes the file and the ranks carry on.
     """
 
 
