@@ -24,8 +24,8 @@ step happens. An epoch is a sequence of accumulation windows (:mod:`torchplug.da
         → validation_epoch_end(outputs) → on_validation_epoch_end → reduce → on_validation_end → on_log_metrics
     → LR schedulers (interval "epoch") → [should_stop reduced across ranks]
     → last.ckpt (collect_state on every rank → get_state_dicts → on_save_checkpoint)
-    after the last epoch: [a launched copy: collect_state → get_state_dicts, the weights handed back]
-        → on_train_end → on_fit_end
+    after the last epoch: on_train_end → on_fit_end
+        → [a launched copy: collect_state → get_state_dicts, the weights handed back]
 
 The user's module implements these hooks like any plugin and runs after the plugins
 (:mod:`torchplug.modulehooks`).
@@ -313,14 +313,15 @@ class FitLoop(Checkpointing):
         self.log_train()
         self.outputs.progress.close()
         self.checkpoint()
-        if self.trainer.launched_copy:  # the weights go back to the process that called fit
-            if self._saved_at != self.resume_position():
-                self.hooks.collect_state(trainer=self.trainer)  # every rank; checkpoint() did not
+        self.hooks.on_train_end(trainer=self.trainer)
+        self.hooks.on_fit_end(trainer=self.trainer, model=self.module)
+        if self.trainer.launched_copy:
+            # The weights go back to the process that called fit, gathered after on_fit_end: what it
+            # changed on every rank (an EMA swapped in) is what comes back, as in a one-process fit.
+            self.hooks.collect_state(trainer=self.trainer)
             if self.trainer.is_global_zero:
                 self.final_weights, _ = self.hooks.get_state_dicts(trainer=self.trainer, model=self.module,
                                                                    optimizers=self.optimizers)
-        self.hooks.on_train_end(trainer=self.trainer)
-        self.hooks.on_fit_end(trainer=self.trainer, model=self.module)
 
     def finished(self) -> bool:
         max_epochs = self.trainer.max_epochs
