@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from torchplug.errors import CheckpointError
+from torchplug.shards import looks_like_a_shard, refuse_on_load
 from torchplug.utils import pid_alive
 
 FORMAT_VERSION = 1
@@ -114,6 +115,7 @@ def load(path: str | os.PathLike[str], *, weights_only: bool = True) -> dict[str
             f"Checkpoint {path} has format {version}, newer than this torchplug reads ({FORMAT_VERSION}); "
             "upgrade torchplug."
         )
+    refuse_on_load(data, path)
     return data
 
 
@@ -143,6 +145,8 @@ def check_matches(checkpoint: Mapping[str, Any], model: nn.Module, path: str | o
     unexpected = [k for k in saved if k not in own]
     shapes = [
         f"{k}: checkpoint {tuple(saved[k].shape)} vs model {tuple(v.shape)}"
+        + (" (a shard of it: the file was written by one rank of a sharded run without gathering the full state "
+           "in collect_state)" if looks_like_a_shard(saved[k].shape, v.shape) else "")
         for k, v in own.items()
         if isinstance(saved.get(k), torch.Tensor) and isinstance(v, torch.Tensor) and saved[k].shape != v.shape
     ]

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 from torchplug import __version__
 from torchplug import checkpoint as ckpt
+from torchplug.shards import refuse_before_save
 from torchplug.state import training_state
 
 if TYPE_CHECKING:
@@ -91,6 +92,7 @@ class Checkpointing:
             "world_size": self.trainer.world_size,
         }
         self.hooks.on_save_checkpoint(trainer=self.trainer, checkpoint=checkpoint)
+        refuse_before_save(checkpoint, self.trainer.plan.role("strategy").winner)  # rank 0's shard is not a state
         return checkpoint
 
     def save_checkpoint(self, path: Path | None) -> None:
