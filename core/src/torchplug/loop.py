@@ -129,8 +129,8 @@ class FitLoop(Checkpointing):
             model.train()
             self.position.phase = "train"
             window: Window | None = None
-            # The RNG states at each window's start (~12 us) where a checkpoint can fall inside a window:
-            # with accumulation, and with several processes, where a signal interrupts at once.
+            # The RNG states at each window's start (tens of us, once per window) where a checkpoint can fall
+            # inside a window: with accumulation, and with several processes, where a signal interrupts at once.
             for window in self.batches.windows(epoch, accumulate, capture=accumulate > 1 or trainer.world_size > 1):
                 for batch_idx, batch, is_last in window:
                     hooks.on_train_batch_start(trainer=trainer, batch=batch, batch_idx=batch_idx)
