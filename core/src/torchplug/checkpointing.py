@@ -3,6 +3,11 @@
 keeps its state sharded writes its shards there) and ``collect_state`` (a sharded optimizer or
 model gathers there); rank 0 then builds the dict (``get_state_dicts``, unless the state was
 saved sharded → ``on_save_checkpoint``) and writes it atomically (:mod:`torchplug.checkpoint`).
+
+Every checkpoint is captured at one defined point, the run state's resume position (epoch,
+stage, batch in epoch, global step: :mod:`torchplug.state`), with the RNG states that point
+starts from: the current ones, or those where the accumulation window or validation now
+running started (``RunState.resume_rng``), which a resume then replays whole.
 """
 
 from __future__ import annotations
@@ -13,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 from torchplug import __version__
 from torchplug import checkpoint as ckpt
 from torchplug.sharded import state_dict_shapes
+from torchplug.shards import refuse_before_save
 from torchplug.state import training_state
 
 if TYPE_CHECKING:
@@ -39,15 +45,17 @@ class Checkpointing:
     outputs: RunOutputs
     batches: EpochBatches
     losses: LossCheck
-    _saved_at: tuple[int, int, int] | None
-    #: where collect_state last gathered the full state (not after a sharded checkpoint)
-    _gathered_at: tuple[int, int, int] | None = None
+    _saved_at: tuple[int, int, int, str] | None
+
+    def resume_position(self) -> tuple[int, int, int, str]:
+        """Where a checkpoint written now resumes: (epoch, batch in epoch, global step, stage)."""
+        state = self.state
+        return state.epoch, state.batch_in_epoch, state.global_step, state.stage
 
     def checkpoint(self) -> None:
         """``last.ckpt`` of the current position, unless it was just written."""
         self.losses.flush(self.state.global_step)  # never checkpoint weights a non-finite loss reached
-        state = self.state
-        position = (state.epoch, state.batch_in_epoch, state.global_step)
+        position = self.resume_position()
         if not self.trainer.enable_checkpointing or self._saved_at == position:
             return
         path = self.outputs.last_checkpoint_path
@@ -75,17 +83,13 @@ class Checkpointing:
         sharded = self.hooks.save_sharded_state(trainer=self.trainer, model=self.module, optimizers=self.optimizers,
                                                 checkpoint_path=None if path is None else str(path))
         self.hooks.collect_state(trainer=self.trainer)
-        state = self.state
-        self._gathered_at = (state.epoch, state.batch_in_epoch, state.global_step) if sharded is None else None
         if path is not None:
             ckpt.save(self.checkpoint_dict(sharded), path)
 
     def final_state_dict(self) -> dict[str, Any] | None:
         """The trained weights a fit in worker processes hands back (rank 0's; ``None`` elsewhere),
-        gathered on every process unless the last checkpoint's ``collect_state`` just did."""
-        state = self.state
-        if self._gathered_at != (state.epoch, state.batch_in_epoch, state.global_step):
-            self.hooks.collect_state(trainer=self.trainer)  # every rank
+        gathered on every process after ``on_fit_end`` (an EMA plugin may have swapped its weights in)."""
+        self.hooks.collect_state(trainer=self.trainer)  # every rank
         if not self.trainer.is_global_zero:
             return None
         weights, _ = self.hooks.get_state_dicts(trainer=self.trainer, model=self.module, optimizers=self.optimizers)
@@ -104,7 +108,8 @@ class Checkpointing:
             "torchplug_version": __version__,
             **self.state.to_checkpoint(),
             **training_state(weights, optimizer_states, self.schedulers),
-            "rng_states": self.batches.rng_snapshot(),
+            # the RNG states where the resume point starts (torchplug.state: the capture point)
+            "rng_states": self.batches.rng_snapshot(self.state.resume_rng),
             "plugins": self.trainer.plugin_names,
             # provenance: compared with the resuming run's plan (torchplug.provenance)
             "plan": self.trainer.plan.to_dict(),
@@ -114,6 +119,7 @@ class Checkpointing:
             checkpoint["sharded_state"] = sharded
             checkpoint["state_dict_shapes"] = state_dict_shapes(self.module)  # checked against a model before work
         self.hooks.on_save_checkpoint(trainer=self.trainer, checkpoint=checkpoint)
+        refuse_before_save(checkpoint, self.trainer.plan.role("strategy").winner)  # rank 0's shard is not a state
         return checkpoint
 
     def save_checkpoint(self, path: Path | None) -> None:

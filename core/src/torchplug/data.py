@@ -77,17 +77,24 @@ class EpochBatches:
     def length(self) -> int | None:
         return num_batches(self.loader, self.limit)
 
-    def windows(self, epoch: int, accumulate: int) -> Iterator[Window]:
+    def windows(self, epoch: int, accumulate: int, capture: bool = False) -> Iterator[Window]:
         """The epoch's windows from ``state.batch_in_epoch`` on, each started when the previous
         one has been trained. Ends early when the loader runs dry inside a window (it is then
-        ``open``)."""
+        ``open``). ``capture``: keep the RNG states at each window's start in ``state.resume_rng``."""
         n = self.length()
         items = self._items(epoch, n)
-        while (first := next(items, None)) is not None:
+        while True:
+            if capture:
+                # Before the window's first fetch (which may draw): a checkpoint written inside the window
+                # (or on an interrupt inside it) resumes at its start from these states.
+                self.state.resume_rng = self.rng_capture()
+            if (first := next(items, None)) is None:
+                break
             window = Window(first, items, accumulate if n is None else min(accumulate, n - first[0]))
             yield window
             if window.open:
-                return
+                break
+        self.state.resume_rng = None
 
     def _items(self, epoch: int, n: int | None) -> Iterator[Item]:
         sampler = getattr(self.loader, "sampler", None)
@@ -136,9 +143,15 @@ class EpochBatches:
                 found.setdefault(id(gen), gen)
         return list(found.values())
 
-    def rng_snapshot(self) -> dict[str, Any]:
-        states = ckpt.rng_states()
-        states["loader_generators"] = [g.get_state() for g in self._loader_generators()]
+    def rng_capture(self) -> tuple[Any, ...]:
+        """The RNG states a resume point holds, unconverted (cheap; :meth:`rng_snapshot` converts)."""
+        return ckpt.capture_rng(), [g.get_state() for g in self._loader_generators()]
+
+    def rng_snapshot(self, captured: tuple[Any, ...] | None = None) -> dict[str, Any]:
+        """The RNG states now (or ``captured``'s, from :meth:`rng_capture`), as a checkpoint stores them."""
+        global_states, generators = captured if captured is not None else self.rng_capture()
+        states = ckpt.rng_states(global_states)
+        states["loader_generators"] = generators
         return states
 
     def rng_restore(self, states: dict[str, Any]) -> None:

@@ -639,11 +639,21 @@ def collect_state(trainer: Trainer) -> None:
     :param trainer: the Trainer.
 
     Convention: all called, on EVERY process, right before rank 0 builds a checkpoint
-    (``last.ckpt``, ``trainer.save_checkpoint``) and before the trained weights are handed back
-    after fit. It may run collectives: a sharded optimizer consolidates its state here
-    (``ZeroRedundancyOptimizer.consolidate_state_dict(to=0)``), a sharded model gathers its full
-    state dict. ``on_save_checkpoint`` (rank 0) then reads what was gathered, and
-    ``on_fit_end`` runs after the gather of the final weights.
+    (``last.ckpt``, the one on interrupt, ``trainer.save_checkpoint``) and before the trained
+    weights are handed back after fit. It may run collectives: a sharded optimizer consolidates
+    its state here (``ZeroRedundancyOptimizer.consolidate_state_dict(to=0)``), a sharded model
+    gathers its full state dict, and a plugin whose own checkpoint state is sharded (an EMA of
+    FSDP parameters) gathers it too, so that its ``on_save_checkpoint`` (rank 0) stores full
+    tensors. ``on_save_checkpoint`` then reads what was gathered. The final weights are
+    gathered after ``on_fit_end`` (in a launched copy): a plugin that changes them at the end
+    (swaps in an EMA) does it in ``on_fit_end`` on every rank, and that is what comes back.
+
+    ``trainer.save_checkpoint`` runs it too, so a plugin must call that on every rank at the
+    same point (as Lightning requires), e.g. from an event hook every rank runs. Called on rank
+    0 alone under a gathering strategy (ZeRO, FSDP), rank 0 enters a collective the other ranks
+    never join: the fit stops at the process group's timeout (or on the mismatched collectives)
+    with the strategy's error; under plain DDP, whose ``collect_state`` gathers nothing, rank 0
+    writes the file and the ranks carry on.
     """
 
 
@@ -768,7 +778,12 @@ def on_fit_end(trainer: Trainer, model: nn.Module) -> None:
     :param trainer: the Trainer.
     :param model: the user's module with the trained weights.
 
-    Convention: all called, once per process, after the last step and validation.
+    Convention: all called, once per process, after the last step, validation and ``last.ckpt``.
+    In worker processes (``devices=N``) the weights handed back to the launching process are
+    gathered after it (``collect_state`` → ``get_state_dicts``), so weights set here on every
+    rank (an EMA swapped in, also into a sharded module's shards) are the ones returned. Plugins
+    run in registration order (the user's module last); a plugin that must run after the
+    others declares ``@hookimpl(trylast=True)`` (pluggy's ordering).
     """
 
 

@@ -28,9 +28,8 @@ step happens. An epoch is a sequence of accumulation windows (:mod:`torchplug.da
     → LR schedulers (interval "epoch") → [should_stop reduced across ranks]
     → last.ckpt (every rank: save_sharded_state → collect_state; rank 0: get_state_dicts unless
       the state was saved sharded → on_save_checkpoint)
-    after the last epoch: [a launched copy: collect_state (unless the last checkpoint gathered) →
-      get_state_dicts, the weights handed back]
-        → on_train_end → on_fit_end
+    after the last epoch: on_train_end → on_fit_end
+        → [a launched copy: collect_state → get_state_dicts, the weights handed back]
 
 The user's module implements these hooks like any plugin and runs after the plugins
 (:mod:`torchplug.modulehooks`).
@@ -72,7 +71,7 @@ from torchplug.optimization import (
 from torchplug.outputs import RunOutputs
 from torchplug.prepare import Prepared, StepModule
 from torchplug.signals import StopRequest
-from torchplug.state import Position, RunState
+from torchplug.state import STAGES, TRAIN, Position, RunState
 from torchplug.utils import warn_at_caller
 
 if TYPE_CHECKING:
@@ -101,7 +100,7 @@ class FitLoop(Checkpointing, ValidationSchedule):
             "limit_train_batches", trainer.limit_train_batches, parts.train_loader), state, position)
         self.schedule_validation(parts.train_loader)
         self.losses = LossCheck(trainer.on_nonfinite_loss, parts.device)
-        self._saved_at: tuple[int, int, int] | None = None
+        self._saved_at: tuple[int, int, int, str] | None = None
         #: what this epoch's training steps returned, while someone implements training_epoch_end
         self.epoch_outputs: list[Any] | None = None
         #: rank 0's trained weights (``get_state_dicts``), for a fit in worker processes
@@ -131,6 +130,9 @@ class FitLoop(Checkpointing, ValidationSchedule):
             # accumulate_grad_batches={epoch: n}: the schedule's n, in trainer.accumulate_grad_batches as in Lightning
             accumulate = trainer.accumulate_grad_batches = accumulation(trainer.accumulation_schedule, epoch)
             self.epoch_outputs = None
+            if state.stage != TRAIN:  # resumed from a checkpoint written during this epoch's end
+                self._end_epoch(epoch)
+                continue
             if "training_epoch_end" in hooks.implemented:
                 self.epoch_outputs = [[] for _ in self.optimizers] if self.per_optimizer else []
             hooks.on_epoch_start(trainer=trainer)
@@ -140,7 +142,9 @@ class FitLoop(Checkpointing, ValidationSchedule):
             self.position.phase = "train"
             window: Window | None = None
             skipped = False
-            for window in self.batches.windows(epoch, accumulate):
+            # The RNG states at each window's start (tens of us, once per window) where a checkpoint can fall
+            # inside a window: with accumulation, and with several processes, where a signal interrupts at once.
+            for window in self.batches.windows(epoch, accumulate, capture=accumulate > 1 or trainer.world_size > 1):
                 for batch_idx, batch, is_last in window:
                     starts = hooks.on_train_batch_start(trainer=trainer, batch=batch, batch_idx=batch_idx)
                     if starts and any(type(r) is int and r == -1 for r in starts):
@@ -264,8 +268,20 @@ class FitLoop(Checkpointing, ValidationSchedule):
                     sched.scheduler.step()
         state.global_step += 1
         state.batch_in_epoch = batch_idx + 1
+        state.resume_rng = None  # the window is complete: a checkpoint now resumes from the current RNG
         if state.global_step % trainer.log_every_n_steps == 0:
             self.log_train()
+
+    def _enter(self, stage: str, advance: bool = True) -> bool:
+        """Whether the epoch end's ``stage`` is still to run (a resumed run skips those its
+        checkpoint counted as done); if so, the run state moves past it before its hooks run, so a
+        checkpoint written from them resumes after it (:mod:`torchplug.state`, the capture point)."""
+        index = STAGES.index(stage)
+        if STAGES.index(self.state.stage) > index:
+            return False
+        if advance:
+            self.state.stage = STAGES[index + 1]
+        return True
 
     def _end_epoch(self, epoch: int) -> None:
         trainer, state = self.trainer, self.state
@@ -277,17 +293,21 @@ class FitLoop(Checkpointing, ValidationSchedule):
         pending = self.take_logged()
         self.metrics.epoch_end = True  # a self.log in these hooks logs an epoch value
         try:
-            if self.epoch_outputs is not None:
+            if self._enter("training_epoch_end") and self.epoch_outputs is not None:
                 outputs, self.epoch_outputs = self.epoch_outputs, None
                 self.hooks.training_epoch_end(trainer=trainer, outputs=outputs)
-            self.hooks.on_train_epoch_end(trainer=trainer, epoch=epoch)
-            self.hooks.on_epoch_end(trainer=trainer)
+            if self._enter("on_train_epoch_end"):
+                self.hooks.on_train_epoch_end(trainer=trainer, epoch=epoch)
+            if self._enter("on_epoch_end"):
+                self.hooks.on_epoch_end(trainer=trainer)
         finally:
             self.metrics.epoch_end = False
         self.metrics.end_train_epoch()
         self.log_train(pending)
-        if self.validates_after(epoch):
-            self.validate()
+        if self._enter("validation", advance=False):  # validate() moves on just before on_validation_end
+            if self.validates_after(epoch):
+                self.validate()
+            state.stage = "epoch_close"
         for sched in self.schedulers:
             if sched.interval != "epoch" or self.manual:
                 continue
@@ -305,6 +325,7 @@ class FitLoop(Checkpointing, ValidationSchedule):
         state.epoch = epoch + 1
         state.batch_in_epoch = 0
         state.epoch_rng = None
+        state.stage = TRAIN
         self.checkpoint()
 
     def _finish(self) -> None:
@@ -312,10 +333,12 @@ class FitLoop(Checkpointing, ValidationSchedule):
         self.log_train()
         self.outputs.progress.close()
         self.checkpoint()
-        if self.trainer.launched_copy:  # the weights go back to the process that called fit
-            self.final_weights = self.final_state_dict()
         self.hooks.on_train_end(trainer=self.trainer)
         self.hooks.on_fit_end(trainer=self.trainer, model=self.module)
+        if self.trainer.launched_copy:
+            # The weights go back to the process that called fit, gathered after on_fit_end: what it
+            # changed on every rank (an EMA swapped in) is what comes back, as in a one-process fit.
+            self.final_weights = self.final_state_dict()
 
     def finished(self) -> bool:
         max_epochs = self.trainer.max_epochs
@@ -348,12 +371,17 @@ class FitLoop(Checkpointing, ValidationSchedule):
         trainer, hooks = self.trainer, self.hooks
         keep = VALIDATION.epoch_end in hooks.implemented  # outputs are collected only for someone
         limit = self.sanity_limit() if sanity else self.val_limit
+        in_fit = self.state.stage == "validation"
+        if in_fit:  # a checkpoint written during the validation resumes at its start, from these RNG states
+            self.state.resume_rng = self.batches.rng_capture()
         epoch = run_epoch(trainer, self.module, [self.val_loader], VALIDATION, limit, self.position, self.metrics,
                           keep, between_batches=self.stop.check)
         if sanity:  # the sanity check's metrics are discarded
             return {}
         result = reduced(trainer, self.device, per_loader(epoch)[0])
         self.state.callback_metrics.update(result)
+        if in_fit:  # validated: a checkpoint from on_validation_end resumes after it
+            self.state.stage, self.state.resume_rng = "epoch_close", None
         hooks.on_validation_end(trainer=trainer, metrics=result)
         self.log_train(result)  # with what plugins logged in on_validation_end: one row for the event
         return result

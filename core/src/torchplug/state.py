@@ -4,6 +4,26 @@ One owner: the loop advances the ``RunState`` of its run, the Trainer reads it (
 ``global_step``, ``current_epoch`` and ``callback_metrics`` are views of it), and a
 checkpoint stores and restores it. Counters follow Lightning: ``global_step`` counts optimizer
 steps (windows), including steps a precision plugin skipped; ``epoch`` counts completed epochs.
+
+**The capture point.** Every checkpoint (``last.ckpt``, ``trainer.save_checkpoint`` from any hook,
+the one written on interrupt) says exactly what the next thing to do is: ``epoch``, ``stage``
+(:data:`STAGES`) and, in the ``"train"`` stage, ``batch_in_epoch``, with the RNG states that
+thing starts from. The loop moves ``stage`` on *before* it calls a stage's hooks, so a
+checkpoint written from inside a hook counts that stage as done and resume neither repeats nor
+skips an end hook, a validation or an RNG draw:
+
+* ``"train"``: train the epoch from batch ``batch_in_epoch`` (the shuffle replayed from
+  ``epoch_rng``, the epoch's start). Written inside an accumulation window, it resumes at the
+  window's start, from the RNG states there (gradients are not saved).
+* ``"on_train_epoch_end"``: the batches are trained and ``training_epoch_end`` ran (a checkpoint
+  from ``training_epoch_end``); next ``on_train_epoch_end``, then the rest.
+* ``"on_epoch_end"``: a checkpoint from ``on_train_epoch_end``; next ``on_epoch_end``.
+* ``"validation"``: a checkpoint from ``on_epoch_end`` or from inside the validation loop;
+  next the epoch's validation (whole, from the RNG states where it started).
+* ``"epoch_close"``: a checkpoint from ``on_validation_end``; next the epoch-interval
+  LR schedulers and the stop decision, then epoch ``epoch + 1``, ``"train"``.
+
+A checkpoint written before ``stage`` existed resumes in ``"train"``, as it was written.
 """
 
 from __future__ import annotations
@@ -15,6 +35,12 @@ from typing import Any
 from torch.optim import Optimizer
 
 from torchplug.errors import CheckpointError
+from torchplug.utils import mark_optimizer_stepped
+
+TRAIN = "train"
+#: the end of an epoch, in the order the loop runs it (see the module docstring)
+END_STAGES = ("training_epoch_end", "on_train_epoch_end", "on_epoch_end", "validation", "epoch_close")
+STAGES = (TRAIN, *END_STAGES)
 
 
 @dataclass
@@ -34,6 +60,11 @@ class RunState:
     should_stop: bool = False
     #: RNG states at the start of the current epoch, to replay its shuffle on resume
     epoch_rng: dict[str, Any] | None = None
+    #: what resume does next in ``epoch`` (:data:`STAGES`; moved on before a stage's hooks run)
+    stage: str = TRAIN
+    #: RNG states where the unit now running (an accumulation window, a validation) started: a
+    #: checkpoint written inside it resumes there, so its draws are not made twice; None between units
+    resume_rng: tuple[Any, ...] | None = None  # (EpochBatches.rng_capture)
 
     def to_checkpoint(self) -> dict[str, Any]:
         return {
@@ -42,6 +73,7 @@ class RunState:
             "global_step": self.global_step,
             "skipped_steps": self.skipped_steps,
             "epoch_rng_states": self.epoch_rng,
+            "stage": self.stage,
             "callback_metrics": dict(self.callback_metrics),
         }
 
@@ -52,12 +84,19 @@ class RunState:
         self.skipped_steps = int(data.get("skipped_steps", 0))
         self.callback_metrics.update(data.get("callback_metrics", {}))
         self.epoch_rng = data.get("epoch_rng_states")
+        self.stage = str(data.get("stage", TRAIN))
+        if self.stage not in STAGES:
+            raise CheckpointError(
+                f"The checkpoint's stage {self.stage!r} is none of {', '.join(STAGES)}: it was written by a newer "
+                "torchplug; resume it with that version."
+            )
 
 
 def resume_point(data: Mapping[str, Any]) -> str:
     """Where a checkpoint resumes, in words: ``"epoch 2, batch 3, global step 17"``."""
-    return (f"epoch {int(data['epoch'])}, batch {int(data.get('batch_in_epoch', 0))}, "
-            f"global step {int(data['global_step'])}")
+    stage = data.get("stage", TRAIN)
+    where = f"batch {int(data.get('batch_in_epoch', 0))}" if stage == TRAIN else f"before {stage}"
+    return f"epoch {int(data['epoch'])}, {where}, global step {int(data['global_step'])}"
 
 
 def already_finished(data: Mapping[str, Any], max_epochs: int | None, max_steps: int) -> bool:
@@ -114,5 +153,8 @@ def load_training_state(data: Mapping[str, Any], optimizers: list[Optimizer], sc
             )
         for sched, state in zip(schedulers, saved):
             sched.scheduler.load_state_dict(state)
+        if int(data.get("global_step", 0)) > 0:
+            for optimizer in optimizers:
+                mark_optimizer_stepped(optimizer)
     except (RuntimeError, KeyError, ValueError, TypeError) as exc:
         raise CheckpointError(f"The checkpoint does not match this model or its optimizers: {exc}") from exc

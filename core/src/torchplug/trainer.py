@@ -36,6 +36,7 @@ from torchplug.batchlimits import check_loaders
 from torchplug.datamodule import datamodule_loaders, staged
 from torchplug.discovery import installed_plugins
 from torchplug.errors import MisconfigurationError, PluginError
+from torchplug.handback import export_states, import_states
 from torchplug.hookcalls import Hooks
 from torchplug.lightning_plugins import check_required_plugins
 from torchplug.manager import PluginManager, get_plugin_manager
@@ -348,6 +349,8 @@ class Trainer(PluginFacingTrainer):
             self.hooks.close_trace()
         if outcome.state_dict is not None:
             model.load_state_dict(outcome.state_dict)
+        if outcome.extra.get("plugin_states"):  # the fit ran in worker processes (torchplug.handback)
+            import_states(self, outcome.extra["plugin_states"])
         self._outcome = outcome
         self._stop_without_fit = bool(outcome.extra.get("should_stop", False))
         self.log_dir = outcome.log_dir
@@ -379,6 +382,8 @@ class Trainer(PluginFacingTrainer):
                 outcome = FitRun(self, model, train_loader, val_loader, resume).run()
             if outcome.state_dict is not None:  # rank 0 of a launched copy (get_state_dicts)
                 outcome.state_dict = {k: v.detach().cpu() for k, v in outcome.state_dict.items()}
+            if self.launched_copy and self.is_global_zero:  # the passed plugins' state, for the launcher's objects
+                outcome.extra["plugin_states"] = export_states(self)
         finally:
             if self.launched_copy:  # spawned workers skip interpreter teardown: write the trace now
                 self.hooks.close_trace()

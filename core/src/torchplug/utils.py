@@ -135,3 +135,12 @@ def mark_scheduler_step(optimizer: Optimizer) -> None:
 
     step_tracked_for_schedulers._wrapped_by_lr_sched = True  # type: ignore[attr-defined]
     optimizer.step = step_tracked_for_schedulers  # type: ignore[method-assign]
+
+
+def mark_optimizer_stepped(optimizer: Optimizer) -> None:
+    """Tell torch's LR schedulers that ``optimizer`` has stepped: true of a resumed optimizer (it
+    stepped in the run that wrote the checkpoint), whose epoch-interval scheduler may step before
+    this process's first ``optimizer.step()`` (a resume at an epoch's end), which would otherwise
+    warn "lr_scheduler.step() before optimizer.step()". The same private marker as
+    :func:`mark_scheduler_step`."""
+    optimizer._opt_called = True  # type: ignore[attr-defined]
