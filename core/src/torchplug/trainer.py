@@ -17,18 +17,18 @@ from torchplug import checkpoint as ckpt
 from torchplug import evalrun
 from torchplug import lightning_args as lt
 from torchplug.arguments import (
-    ACCELERATORS,
-    AMP_BACKENDS,
-    AMP_LEVELS,
     NONFINITE,
-    PRECISIONS,
     RESUME_PLAN,
     SINGLE_PROCESS,
+    check_accelerator,
     check_callback_list,
+    check_choice,
     check_devices,
     check_int,
     check_number,
     check_plugin_list,
+    check_precision,
+    check_processes,
     check_type,
     iterable,
 )
@@ -118,41 +118,10 @@ class Trainer(PluginFacingTrainer):
         if self.fast_dev_run:
             (max_epochs, max_steps, limit_train_batches, limit_val_batches, val_check_interval, check_val_every_n_epoch,
              num_sanity_val_steps, logger, enable_checkpointing) = lt.fast_dev_run_overrides(self.fast_dev_run)
-        # Lightning 1.1 spelled the strategy as an accelerator: accelerator="ddp".
-        if accelerator is not None and not isinstance(accelerator, str):
-            raise MisconfigurationError(
-                f"accelerator must be a string such as 'cpu', 'gpu' or 'ddp', got {accelerator!r}"
-            )
-        if accelerator not in ACCELERATORS:
-            if strategy is not None and strategy != accelerator:
-                raise MisconfigurationError(
-                    f"accelerator={accelerator!r} names a strategy and strategy={strategy!r} another; pass one."
-                )
-            strategy, accelerator = accelerator, None
-        self.accelerator: str | None = ACCELERATORS[accelerator]
-        if self.accelerator == "cuda" and not torch.cuda.is_available():
-            raise MisconfigurationError(
-                f"accelerator={accelerator!r} asks for CUDA, but torch.cuda.is_available() is False "
-                f"(torch {torch.__version__}). Use accelerator='cpu', or install a CUDA build of torch."
-            )
-        self.strategy = check_type("strategy", strategy, (str, type(None)))
+        self.accelerator, self.strategy = check_accelerator(accelerator, strategy)
         self.devices = check_devices(devices)
         self.num_nodes = check_int("num_nodes", num_nodes, minimum=1)
-        if isinstance(precision, bool) or not isinstance(precision, (int, str)) or precision not in PRECISIONS:
-            raise MisconfigurationError(f"precision must be 32, 16 or 'bf16', got {precision!r}")
-        self.precision = PRECISIONS[precision]
-        if not isinstance(amp_backend, str) or amp_backend not in AMP_BACKENDS:
-            raise MisconfigurationError(f"amp_backend must be 'native' or 'apex', got {amp_backend!r}")
-        self.amp_backend = amp_backend
-        if amp_level is not None and (not isinstance(amp_level, str) or amp_level not in AMP_LEVELS):
-            raise MisconfigurationError(f"amp_level must be one of O0, O1, O2, O3, got {amp_level!r}")
-        if amp_level is not None and amp_backend != "apex":
-            raise MisconfigurationError(
-                "amp_level applies to amp_backend='apex' only; add amp_backend='apex' or drop amp_level."
-            )
-        if amp_backend == "apex" and self.precision == "bf16":
-            raise MisconfigurationError("apex amp has no bf16 mode: use precision='bf16' with amp_backend='native'.")
-        self.amp_level = amp_level
+        self.precision, self.amp_backend, self.amp_level = check_precision(precision, amp_backend, amp_level)
         if max_epochs is not None:
             check_int("max_epochs", max_epochs, minimum=1)
         # Lightning 1.1 wrote "no limit" as max_steps=None, later versions as -1.
@@ -184,26 +153,10 @@ class Trainer(PluginFacingTrainer):
             )
         self.default_root_dir = Path(default_root_dir).absolute() if default_root_dir is not None else Path.cwd()
         self.deterministic = check_type("deterministic", deterministic, bool)
-        if not isinstance(on_nonfinite_loss, str) or on_nonfinite_loss not in NONFINITE:
-            raise MisconfigurationError(f"on_nonfinite_loss must be one of {NONFINITE}, got {on_nonfinite_loss!r}")
-        self.on_nonfinite_loss = on_nonfinite_loss
+        self.on_nonfinite_loss = check_choice("on_nonfinite_loss", on_nonfinite_loss, NONFINITE)
         self.checkpoint_weights_only = check_type("checkpoint_weights_only", checkpoint_weights_only, bool)
-        if not isinstance(resume_plan, str) or resume_plan not in RESUME_PLAN:
-            raise MisconfigurationError(f"resume_plan must be one of {RESUME_PLAN}, got {resume_plan!r}")
-        self.resume_plan = resume_plan
-        many = (isinstance(self.devices, int) and self.devices > 1) or self.num_nodes > 1
-        if many and self.strategy in SINGLE_PROCESS:
-            raise MisconfigurationError(
-                f"strategy={self.strategy!r} trains in one process, but devices={self.devices} and "
-                f"num_nodes={self.num_nodes} ask for several; drop the strategy (devices>1 selects 'ddp') or use "
-                "devices=1."
-            )
-        if many and on_nonfinite_loss == "skip":
-            raise MisconfigurationError(
-                f"on_nonfinite_loss='skip' cannot run on several processes (devices={self.devices}, "
-                f"num_nodes={self.num_nodes}): a rank that skips a backward would desynchronise the gradient "
-                "all-reduce. Use 'error' or 'ignore'."
-            )
+        self.resume_plan = check_choice("resume_plan", resume_plan, RESUME_PLAN)
+        check_processes(self.devices, self.num_nodes, self.strategy, on_nonfinite_loss)
         if isinstance(blocked_plugins, str) or not all(isinstance(b, str) for b in iterable(blocked_plugins)):
             raise MisconfigurationError(f"blocked_plugins must be a list of plugin names, got {blocked_plugins!r}")
         check_type("autoload_plugins", autoload_plugins, (bool, type(None)))
