@@ -52,12 +52,11 @@ import torch
 from torchplug.batchlimits import ValidationSchedule, resolve_limit
 from torchplug.checkpointing import Checkpointing
 from torchplug.data import EpochBatches, Window
-from torchplug.errors import MisconfigurationError
 from torchplug.evaluation import VALIDATION, per_loader, reduced, run_epoch
 from torchplug.lightning_args import accumulation
 from torchplug.lightning_plugins import entering_yielded
 from torchplug.losscheck import LossCheck, loss_of
-from torchplug.metrics import to_floats
+from torchplug.metrics import TrainLogging
 from torchplug.module import MetricStore
 from torchplug.modulehooks import epoch_output
 from torchplug.optimization import (
@@ -78,7 +77,7 @@ if TYPE_CHECKING:
     from torchplug.trainer import Trainer
 
 
-class FitLoop(Checkpointing, ValidationSchedule):
+class FitLoop(Checkpointing, ValidationSchedule, TrainLogging):
     """Trains, validates and checkpoints one process's prepared parts."""
 
     def __init__(self, trainer: Trainer, parts: Prepared, state: RunState, outputs: RunOutputs,
@@ -309,17 +308,8 @@ class FitLoop(Checkpointing, ValidationSchedule):
                 self.validate()
             state.stage = "epoch_close"
         for sched in self.schedulers:
-            if sched.interval != "epoch" or self.manual:
-                continue
-            if sched.monitor is None:
-                sched.scheduler.step()
-                continue
-            if sched.monitor not in state.callback_metrics:
-                raise MisconfigurationError(
-                    f"The LR scheduler {type(sched.scheduler).__name__} monitors {sched.monitor!r}, which no "
-                    f"step logged (self.log); logged so far: {sorted(state.callback_metrics)}."
-                )
-            sched.scheduler.step(state.callback_metrics[sched.monitor])
+            if sched.interval == "epoch" and not self.manual:  # manual optimization steps its own
+                sched.step_epoch(state.callback_metrics)
         if trainer.world_size > 1:  # once per epoch: a rank that asked to stop stops them all, at the same step
             state.should_stop = trainer.reduce_boolean_decision(state.should_stop)
         state.epoch = epoch + 1
@@ -385,34 +375,6 @@ class FitLoop(Checkpointing, ValidationSchedule):
         hooks.on_validation_end(trainer=trainer, metrics=result)
         self.log_train(result)  # with what plugins logged in on_validation_end: one row for the event
         return result
-
-    def log_train(self, event: dict[str, float] | None = None) -> None:
-        """Write the metrics logged since the last call (and ``event``'s, already floats): one
-        host transfer for all of them, one metrics row, one ``on_log_metrics`` call."""
-        state = self.state
-        self.losses.flush(state.global_step)
-        if state.skipped_steps:
-            state.callback_metrics["skipped_steps"] = float(state.skipped_steps)
-        values = {**(event or {}), **self.take_logged()}
-        if not values:
-            return
-        logged = {k: v for k, v in values.items() if k not in self.metrics.not_logged}
-        if logged:
-            state.logged_metrics.update(logged)
-            self.outputs.log(state.global_step, state.epoch, logged)
-            if self.trainer.is_global_zero:
-                self.hooks.on_log_metrics(trainer=self.trainer, metrics=logged, step=state.global_step)
-        self.outputs.progress.show(state.callback_metrics, self.metrics.prog_bar)
-
-    def take_logged(self) -> dict[str, float]:
-        """The training metrics logged since the last row, as floats (one host transfer), now
-        in ``callback_metrics``; the store is emptied."""
-        if not self.metrics.train:
-            return {}
-        values = to_floats(self.metrics.train)
-        self.metrics.train.clear()
-        self.state.callback_metrics.update(values)
-        return values
 
     def release_wrapper(self) -> bool:
         """Forget ``configure_ddp``'s wrapper; True if there was one."""

@@ -8,11 +8,19 @@ import os
 import sys
 from collections.abc import Collection, Mapping
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, TYPE_CHECKING, Any
 
 import torch
 
 from torchplug.errors import MisconfigurationError
+
+if TYPE_CHECKING:
+    from torchplug.hookcalls import Hooks
+    from torchplug.losscheck import LossCheck
+    from torchplug.module import MetricStore
+    from torchplug.outputs import RunOutputs
+    from torchplug.state import RunState
+    from torchplug.trainer import Trainer
 
 CSV_FIELDS = ("step", "epoch", "metric", "value")
 
@@ -119,3 +127,43 @@ def postfix(metrics: dict[str, float], prog_bar: Collection[str] = ()) -> dict[s
     """What the progress bar shows of ``metrics``."""
     shown = {k: v for k, v in metrics.items() if k in prog_bar} if prog_bar else metrics
     return {k: f"{v:.4g}" if math.isfinite(v) else str(v) for k, v in shown.items()}
+
+class TrainLogging:
+    """The logging steps of :class:`torchplug.loop.FitLoop` (whose attributes they use): what
+    was logged during training goes to ``callback_metrics``, ``metrics.csv``, ``on_log_metrics``
+    and the progress bar, in one host transfer per row."""
+
+    trainer: Trainer
+    hooks: Hooks
+    state: RunState
+    metrics: MetricStore
+    outputs: RunOutputs
+    losses: LossCheck
+
+    def log_train(self, event: dict[str, float] | None = None) -> None:
+        """Write the metrics logged since the last call (and ``event``'s, already floats): one
+        host transfer for all of them, one metrics row, one ``on_log_metrics`` call."""
+        state = self.state
+        self.losses.flush(state.global_step)
+        if state.skipped_steps:
+            state.callback_metrics["skipped_steps"] = float(state.skipped_steps)
+        values = {**(event or {}), **self.take_logged()}
+        if not values:
+            return
+        logged = {k: v for k, v in values.items() if k not in self.metrics.not_logged}
+        if logged:
+            state.logged_metrics.update(logged)
+            self.outputs.log(state.global_step, state.epoch, logged)
+            if self.trainer.is_global_zero:
+                self.hooks.on_log_metrics(trainer=self.trainer, metrics=logged, step=state.global_step)
+        self.outputs.progress.show(state.callback_metrics, self.metrics.prog_bar)
+
+    def take_logged(self) -> dict[str, float]:
+        """The training metrics logged since the last row, as floats (one host transfer), now
+        in ``callback_metrics``; the store is emptied."""
+        if not self.metrics.train:
+            return {}
+        values = to_floats(self.metrics.train)
+        self.metrics.train.clear()
+        self.state.callback_metrics.update(values)
+        return values

@@ -34,7 +34,7 @@ from typing import Any
 
 from torch.optim import Optimizer
 
-from torchplug.errors import CheckpointError
+from torchplug.errors import CheckpointError, MisconfigurationError
 from torchplug.utils import mark_optimizer_stepped
 
 TRAIN = "train"
@@ -121,6 +121,18 @@ class SchedulerConfig:
     interval: str = "epoch"  # "step" or "epoch"
     #: the metric ``ReduceLROnPlateau`` steps on
     monitor: str | None = None
+
+    def step_epoch(self, metrics: Mapping[str, float]) -> None:
+        """The epoch's step (``interval="epoch"``), on the monitored metric if there is one."""
+        if self.monitor is None:
+            self.scheduler.step()
+            return
+        if self.monitor not in metrics:
+            raise MisconfigurationError(
+                f"The LR scheduler {type(self.scheduler).__name__} monitors {self.monitor!r}, which no "
+                f"step logged (self.log); logged so far: {sorted(metrics)}."
+            )
+        self.scheduler.step(metrics[self.monitor])
 
 
 def training_state(state_dict: dict[str, Any], optimizer_states: list[dict[str, Any]],
