@@ -5,6 +5,7 @@ is refused at registration naming the plugin and the fix. The 2-rank all-reduce 
 
 from __future__ import annotations
 
+import importlib.metadata
 import warnings
 from collections.abc import Iterator
 from contextlib import AbstractContextManager, contextmanager
@@ -127,10 +128,22 @@ def test_native_amp_and_apex_constructors_accept_lightnings_trainer_argument_wit
     assert fit_with.plugin_names == ["native_amp"]
 
 
+def _installed(distribution: str) -> bool:
+    try:
+        importlib.metadata.distribution(distribution)
+    except importlib.metadata.PackageNotFoundError:
+        return False
+    return True
+
+
 def test_available_plugins_lists_the_installed_plugin_names_without_importing_them() -> None:
     names = Trainer.available_plugins()
     assert names == sorted({ep.name for ep in discovery.installed_plugins()})
-    assert {"ddp", "native_amp", "apex", "tensorboard"} <= set(names)
+    first_party = {"ddp": "torchplug-ddp", "native_amp": "torchplug-native-amp", "apex": "torchplug-apex",
+                   "tensorboard": "torchplug-tensorboard"}
+    installed = {name for name, dist in first_party.items() if _installed(dist)}
+    assert installed, "no first-party plugin installed: nothing to list"
+    assert installed <= set(names)  # each session installs some of them (tests-core: ddp, native_amp, apex)
 
 
 # -- on_train_batch_start returning -1 (Lightning 1.x: skip the rest of the epoch) ----------------
