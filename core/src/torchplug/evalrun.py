@@ -38,7 +38,7 @@ from torchplug.evaluation import PREDICT, TEST, Stage, per_loader, reduced, run_
 from torchplug.handshake import check_ranks
 from torchplug.module import MetricStore
 from torchplug.modulehooks import check_module_methods, positional_arity, registered
-from torchplug.prepare import attach_metrics, check_module, distributed_loader, resolve_loaders
+from torchplug.prepare import attach_metrics, check_loader, check_module, distributed_loader, resolve_loaders
 from torchplug.run import add_context, validate_only
 from torchplug.state import Position, RunState
 
@@ -91,15 +91,7 @@ def loaders_of(module: nn.Module, dataloaders: Any, datamodule: Any, stage: str)
         )
     loaders = list(dataloaders) if isinstance(dataloaders, (list, tuple)) else [dataloaders]
     for i, loader in enumerate(loaders):
-        if not hasattr(loader, "__iter__") or isinstance(loader, (str, bytes, dict)):
-            raise MisconfigurationError(
-                f"{stage} dataloader {i} must be iterable (a DataLoader), got {type(loader).__name__}")
-        try:
-            empty = len(loader) == 0
-        except TypeError:  # iterable without a length
-            empty = False
-        if empty:
-            raise MisconfigurationError(f"{stage} dataloader {i} is empty (len 0): check the dataset and batch_size.")
+        check_loader(f"{stage} dataloader {i}", loader)
     step = getattr(module, f"{stage}_step")
     if len(loaders) > 1 and positional_arity(step) < 3:
         raise MisconfigurationError(

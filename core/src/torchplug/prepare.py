@@ -54,6 +54,18 @@ def _is_base_stub(model: nn.Module, name: str) -> bool:
     return base is not None and getattr(type(model), name, None) is base
 
 
+def check_loader(name: str, loader: Any) -> None:
+    """Refuse, naming it, a loader that is not iterable or is empty."""
+    if not hasattr(loader, "__iter__") or isinstance(loader, (str, bytes, dict)):
+        raise MisconfigurationError(f"{name} must be iterable (a DataLoader), got {type(loader).__name__}")
+    try:
+        empty = len(loader) == 0
+    except TypeError:  # iterable without a length
+        empty = False
+    if empty:
+        raise MisconfigurationError(f"{name} is empty (len 0): check the dataset and batch_size/drop_last.")
+
+
 def resolve_loaders(model: nn.Module, train: Any, val: Any, need_train: bool = True) -> tuple[Any, Any]:
     """The train and validation loaders: given, or from the module's ``*_dataloader()``;
     refused before any work when missing, not iterable or empty."""
@@ -67,16 +79,8 @@ def resolve_loaders(model: nn.Module, train: Any, val: Any, need_train: bool = T
     if val is None:
         val = _call_optional(model, "val_dataloader")
     for name, loader in (("train_dataloaders", train), ("val_dataloaders", val)):
-        if loader is None:
-            continue
-        if not hasattr(loader, "__iter__") or isinstance(loader, (str, bytes, dict)):
-            raise MisconfigurationError(f"{name} must be iterable (a DataLoader), got {type(loader).__name__}")
-        try:
-            empty = len(loader) == 0
-        except TypeError:  # iterable without a length
-            empty = False
-        if empty:
-            raise MisconfigurationError(f"{name} is empty (len 0): check the dataset and batch_size/drop_last.")
+        if loader is not None:
+            check_loader(name, loader)
     if val is not None and not callable(getattr(model, "validation_step", None)):
         raise MisconfigurationError(
             f"Validation data was given but {type(model).__name__} has no validation_step(batch, batch_idx)."
