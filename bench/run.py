@@ -103,6 +103,8 @@ PARTS = [
          "TensorBoard scalars"),
     Part("module_hooks_overhead", "module_hooks_overhead.py", [], ["--quick"], own_rows,
          "tiny MLP step time with six per-step module hooks, vs a hand loop calling the same hooks"),
+    Part("instructions", "instructions.py", [], ["--quick"], own_rows,
+         "CPU instructions per step under valgrind, tiny MLP plain and with module hooks (noise-free)"),
     Part("amp_overhead", "amp_overhead.py", [], ["--quick"], own_rows,
          "bf16 native_amp step time on the CPU, Trainer vs hand autocast loop (+ Lightning)"),
     Part("ddp_step", "ddp_step.py", [], ["--quick"], own_rows,

@@ -7,6 +7,7 @@ from __future__ import annotations
 import importlib.metadata
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -70,6 +71,19 @@ def test_callbacks_overhead_quick() -> None:
 def test_module_hooks_overhead_quick() -> None:
     result = _result(_run(str(BENCH / "module_hooks_overhead.py"), "--quick"))
     assert result["stats"]["torchplug"]["median"] > 0
+    _check_rows(result["rows"])
+
+
+@pytest.mark.timeout(90)
+@pytest.mark.skipif(shutil.which("valgrind") is None or shutil.which("callgrind_control") is None,
+                    reason="valgrind is not installed")
+def test_instruction_counts_are_exact() -> None:
+    """The calibration case runs the same loop as both variants: the count per step is the same
+    to the instruction, which is what makes the method noise-free."""
+    result = _result(_run(str(BENCH / "instructions.py"), "--quick"))
+    counts = result["cases"]["calibration"]["per_step"]
+    assert counts["hand"] > 1000
+    assert counts["torchplug"] == counts["hand"]
     _check_rows(result["rows"])
 
 

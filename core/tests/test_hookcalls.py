@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pluggy
 import pytest
+import torch
 
 from torchplug import defaults, hookcalls, hookspecs, manager
 from torchplug.errors import PluginValidationError
@@ -113,3 +114,53 @@ def test_a_missing_keyword_argument_raises_key_error() -> None:
     hooks = Hooks(get_plugin_manager(autoload=False, env={}), trace=False)
     with pytest.raises(KeyError, match="optimizer"):
         hooks.clip_gradients(grad_clip_val=1.0, norm_type=2.0)  # type: ignore[call-arg]
+
+
+def test_a_chained_hook_passes_each_implementation_what_it_names_in_pluggy_order() -> None:
+    """on_before_forward's implementations take (model, args), (args) or any order of the two;
+    each gets the previous one's args, and None keeps them."""
+    seen: list[tuple[str, object, tuple[object, ...]]] = []
+    model = torch.nn.Linear(1, 1)
+
+    class Both:
+        @hookspecs.hookimpl(tryfirst=True)
+        def on_before_forward(self, model: object, args: tuple[object, ...]) -> tuple[object, ...]:
+            seen.append(("both", model, args))
+            return (*args, "both")
+
+    class ArgsOnly:
+        @hookspecs.hookimpl
+        def on_before_forward(self, args: tuple[object, ...]) -> None:
+            seen.append(("args", None, args))
+
+    class Reversed:
+        @hookspecs.hookimpl(trylast=True)
+        def on_before_forward(self, args: tuple[object, ...], model: object) -> tuple[object, ...]:
+            seen.append(("reversed", model, args))
+            return (*args, "reversed")
+
+    pm = get_plugin_manager([Both(), ArgsOnly(), Reversed()], autoload=False, env={})
+    result = Hooks(pm, trace=False).on_before_forward(model=model, args=("batch", 0))
+    assert seen == [("both", model, ("batch", 0)), ("args", None, ("batch", 0, "both")),
+                    ("reversed", model, ("batch", 0, "both"))]
+    assert result == ("batch", 0, "both", "reversed")  # the core's default last: in place already
+
+
+def test_single_implementations_get_their_arguments_by_name_and_pluggy_results() -> None:
+    class Plugin:
+        @hookspecs.hookimpl
+        def clip_gradients(self, norm_type: float, optimizer: object, grad_clip_val: float) -> object:
+            return ("clip", norm_type, optimizer, grad_clip_val)
+
+        @hookspecs.hookimpl
+        def on_before_zero_grad(self, optimizer: object, trainer: object) -> object:
+            return ("zero", optimizer, trainer)
+
+        @hookspecs.hookimpl
+        def on_train_start(self) -> None:
+            return None
+
+    hooks = Hooks(get_plugin_manager([Plugin()], autoload=False, env={}), trace=False)
+    assert hooks.clip_gradients(grad_clip_val=1.0, optimizer="opt", norm_type=2.0) == ("clip", 2.0, "opt", 1.0)
+    assert hooks.on_before_zero_grad(trainer="t", optimizer="opt") == [("zero", "opt", "t")]
+    assert hooks.on_train_start(trainer="t") == []

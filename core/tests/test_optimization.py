@@ -86,6 +86,23 @@ def test_two_optimizers_with_optimizer_idx_equal_a_hand_loop_bit_for_bit(tp: Any
     assert all(p.requires_grad for p in model.parameters())
 
 
+def test_on_before_optimizer_step_gets_the_optimizer_and_its_index_as_the_module_asks(make_trainer: Any) -> None:
+    """Lightning 1.x's (optimizer, optimizer_idx) and 2.x's (optimizer), with two optimizers."""
+    seen: list[Any] = []
+
+    class OneX(GAN):
+        def on_before_optimizer_step(self, optimizer: Any, optimizer_idx: int) -> None:
+            seen.append(("1.x", self.trainer.optimizers.index(optimizer), optimizer_idx))
+
+    class TwoX(GAN):
+        def on_before_optimizer_step(self, optimizer: Any) -> None:
+            seen.append(("2.x", self.trainer.optimizers.index(optimizer)))
+
+    for model in (OneX(), TwoX()):
+        make_trainer(max_steps=2, logger=False, enable_checkpointing=False).fit(model, gan_data())
+    assert seen == [("1.x", 0, 0), ("1.x", 1, 1)] * 2 + [("2.x", 0), ("2.x", 1)] * 2
+
+
 def test_module_optimizer_step_and_zero_grad_overrides(tp: Any, make_trainer: Any) -> None:
     """Lightning 1.1's LR warm-up override: set the LR, then optimizer.step(closure=...)."""
     calls: list[Any] = []

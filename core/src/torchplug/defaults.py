@@ -72,14 +72,18 @@ def on_before_forward(model: nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...
     return args if param is None else move_to_device(args, param.device)
 
 
+#: one null context for every step (nullcontext is stateless and reusable)
+NO_CONTEXT: AbstractContextManager[None] = nullcontext()
+
+
 @hookimpl(trylast=True)
 def block_backward_sync() -> AbstractContextManager[None]:
-    return nullcontext()
+    return NO_CONTEXT
 
 
 @hookimpl(trylast=True)
 def forward_context() -> AbstractContextManager[None]:
-    return nullcontext()
+    return NO_CONTEXT
 
 
 @hookimpl(trylast=True)

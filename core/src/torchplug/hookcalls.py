@@ -12,6 +12,7 @@ tracing costs nothing per call.
 
 from __future__ import annotations
 
+import operator
 import os
 import weakref
 from collections.abc import Callable, Generator
@@ -357,14 +358,7 @@ def _fast(hook: pluggy.HookCaller, impls: list[pluggy.HookImpl], firstresult: bo
         return _noop_first if firstresult else _noop_all
     if len(impls) == 1 and not (impls[0].wrapper or impls[0].hookwrapper):
         function, argnames = impls[0].function, impls[0].argnames
-        if firstresult:
-            return _direct(function, argnames)
-
-        def direct_all(**kwargs: Any) -> list[Any]:
-            result = function(*[kwargs[a] for a in argnames])
-            return [] if result is None else [result]
-
-        return direct_all
+        return _direct(function, argnames) if firstresult else _direct_all(function, argnames)
     if any(impl.wrapper or impl.hookwrapper for impl in impls):
         return hook  # wrappers need pluggy's generator protocol
     # Several plain implementations: pluggy's calling order and result rules, without its
@@ -392,8 +386,8 @@ def _fast(hook: pluggy.HookCaller, impls: list[pluggy.HookImpl], firstresult: bo
 
 
 def _direct(function: Callable[..., Any], argnames: tuple[str, ...]) -> Caller:
-    """The one implementation of a firstresult hook, called with the arguments it names: with
-    up to two names, without building an argument list per call (the step's hot path)."""
+    """The one implementation of a firstresult hook, called with the arguments it names,
+    without building an argument list per call (the step's hot path)."""
     if not argnames:
         def direct(**kwargs: Any) -> Any:
             return function()
@@ -402,26 +396,51 @@ def _direct(function: Callable[..., Any], argnames: tuple[str, ...]) -> Caller:
 
         def direct(**kwargs: Any) -> Any:
             return function(kwargs[a])
-    elif len(argnames) == 2:
-        a, b = argnames
+    else:
+        pick = operator.itemgetter(*argnames)  # a tuple of the values, in C
 
         def direct(**kwargs: Any) -> Any:
-            return function(kwargs[a], kwargs[b])
-    else:
-        def direct(**kwargs: Any) -> Any:
-            return function(*[kwargs[a] for a in argnames])
+            return function(*pick(kwargs))
 
     return direct
 
 
+def _direct_all(function: Callable[..., Any], argnames: tuple[str, ...]) -> Caller:
+    """:func:`_direct` for a hook whose results are collected: pluggy's list (empty for ``None``)."""
+    if not argnames:
+        def direct_all(**kwargs: Any) -> list[Any]:
+            result = function()
+            return [] if result is None else [result]
+    elif len(argnames) == 1:
+        (a,) = argnames
+
+        def direct_all(**kwargs: Any) -> list[Any]:
+            result = function(kwargs[a])
+            return [] if result is None else [result]
+    else:
+        pick = operator.itemgetter(*argnames)
+
+        def direct_all(**kwargs: Any) -> list[Any]:
+            result = function(*pick(kwargs))
+            return [] if result is None else [result]
+
+    return direct_all
+
+
 def _chained(name: str, impls: list[pluggy.HookImpl]) -> Caller:
-    # pluggy's call order is the reverse of get_hookimpls() (tryfirst … normal … trylast).
+    # pluggy's call order is the reverse of get_hookimpls() (tryfirst … normal … trylast). The
+    # usual signatures, (model, args) and (args), are called without a dict per call.
     steps = [(impl.plugin_name, impl.function, impl.argnames) for impl in reversed(impls)]
 
     def chain(*, model: Any, args: tuple[Any, ...]) -> tuple[Any, ...]:
         for plugin_name, function, argnames in steps:
-            kwargs = {"model": model, "args": args}
-            result = function(*[kwargs[a] for a in argnames])
+            if argnames == _MODEL_ARGS:
+                result = function(model, args)
+            elif argnames == _ARGS:
+                result = function(args)
+            else:
+                kwargs = {"model": model, "args": args}
+                result = function(*[kwargs[a] for a in argnames])
             if result is not None:
                 if not isinstance(result, tuple):
                     raise not_args(name, plugin_name, result)
@@ -429,6 +448,9 @@ def _chained(name: str, impls: list[pluggy.HookImpl]) -> Caller:
         return args
 
     return chain
+
+
+_MODEL_ARGS, _ARGS = ("model", "args"), ("args",)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -44,7 +44,6 @@ logged (``trainer.log``) in the event hook just before it. Counters live in the 
 from __future__ import annotations
 
 from collections.abc import Callable
-from contextlib import nullcontext
 from typing import TYPE_CHECKING, Any, cast
 
 import torch
@@ -52,6 +51,7 @@ import torch
 from torchplug.batchlimits import ValidationSchedule, resolve_limit
 from torchplug.checkpointing import Checkpointing
 from torchplug.data import EpochBatches, Window
+from torchplug.defaults import NO_CONTEXT
 from torchplug.evaluation import VALIDATION, per_loader, reduced, run_epoch
 from torchplug.lightning_args import accumulation
 from torchplug.lightning_plugins import entering_yielded
@@ -150,7 +150,7 @@ class FitLoop(Checkpointing, ValidationSchedule, TrainLogging):
                         skipped = True  # Lightning 1.x: -1 skips the rest of the epoch
                         break
                     args = hooks.on_before_forward(model=model, args=(batch, batch_idx))
-                    with nullcontext() if is_last else entering_yielded(hooks.block_backward_sync(model=model)):
+                    with NO_CONTEXT if is_last else entering_yielded(hooks.block_backward_sync(model=model)):
                         output = self._run_batch(args, batch_idx, epoch, window, is_last)
                     hooks.on_train_batch_end(trainer=trainer, outputs=output, batch=args[0], batch_idx=batch_idx)
                     self.outputs.progress.update()

@@ -20,7 +20,7 @@ import inspect
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from types import SimpleNamespace
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -42,55 +42,95 @@ Call = Callable[..., Any]
 
 
 def _optimizer_index(trainer: Trainer, optimizer: Any) -> int:
-    return next((i for i, opt in enumerate(trainer.optimizers) if opt is optimizer), 0)
+    try:
+        return trainer.optimizers.index(optimizer)  # optimizers compare by identity
+    except ValueError:
+        return 0
 
 
-# module hook → the implementation, given ``f`` (the module's method, cut to its arity). Each
-# implementation names the hookspec arguments it needs (pluggy passes those, by their names) and
-# gives the method Lightning's positional arguments; dataloader_idx is 0 in fit (one loader each), the
-# loader's index in test and predict.
-MODULE_HOOKS: dict[str, Callable[[Call], Call]] = {
-    "setup": lambda f: lambda stage: f(stage),
-    "teardown": lambda f: lambda stage: f(stage),
-    "on_fit_start": lambda f: lambda: f(),
-    "on_fit_end": lambda f: lambda: f(),
-    "on_train_start": lambda f: lambda: f(),
-    "on_train_end": lambda f: lambda: f(),
-    "on_epoch_start": lambda f: lambda: f(),
-    "on_epoch_end": lambda f: lambda: f(),
-    "on_train_epoch_start": lambda f: lambda: f(),
-    "on_train_epoch_end": lambda f: lambda: f(),
-    "on_train_batch_start": lambda f: lambda batch, batch_idx: f(batch, batch_idx, 0),
-    "on_train_batch_end": lambda f: lambda outputs, batch, batch_idx: f(outputs, batch, batch_idx, 0),
-    "on_before_backward": lambda f: lambda loss: f(loss),
-    "on_after_backward": lambda f: lambda: f(),
-    "on_before_optimizer_step": lambda f: lambda trainer, optimizer: f(optimizer, _optimizer_index(trainer, optimizer)),
-    "on_before_zero_grad": lambda f: lambda optimizer: f(optimizer),
-    "training_epoch_end": lambda f: lambda outputs: f(outputs),
-    "on_validation_start": lambda f: lambda: f(),
-    "on_validation_epoch_start": lambda f: lambda: f(),
-    "on_validation_batch_start": lambda f: lambda batch, batch_idx: f(batch, batch_idx, 0),
-    "on_validation_batch_end": lambda f: lambda outputs, batch, batch_idx: f(outputs, batch, batch_idx, 0),
-    "validation_epoch_end": lambda f: lambda outputs: f(outputs),
-    "on_validation_epoch_end": lambda f: lambda: f(),
-    "on_validation_end": lambda f: lambda: f(),
-    "on_test_start": lambda f: lambda: f(),
-    "on_test_epoch_start": lambda f: lambda: f(),
-    "on_test_batch_start": lambda f: lambda batch, batch_idx, dataloader_idx: f(batch, batch_idx, dataloader_idx),
-    "on_test_batch_end": lambda f: lambda outputs, batch, batch_idx, dataloader_idx: f(
-        outputs, batch, batch_idx, dataloader_idx),
-    "test_epoch_end": lambda f: lambda outputs: f(outputs),
-    "on_test_epoch_end": lambda f: lambda: f(),
-    "on_test_end": lambda f: lambda: f(),
-    "on_predict_start": lambda f: lambda: f(),
-    "on_predict_epoch_start": lambda f: lambda: f(),
-    "on_predict_batch_start": lambda f: lambda batch, batch_idx, dataloader_idx: f(batch, batch_idx, dataloader_idx),
-    "on_predict_batch_end": lambda f: lambda outputs, batch, batch_idx, dataloader_idx: f(
-        outputs, batch, batch_idx, dataloader_idx),
-    "on_predict_epoch_end": lambda f: lambda outputs: f(outputs),
-    "on_predict_end": lambda f: lambda: f(),
-    "on_save_checkpoint": lambda f: lambda checkpoint: f(checkpoint),
-    "on_load_checkpoint": lambda f: lambda checkpoint: f(checkpoint),
+def _plain(m: Call, n: int) -> Call:
+    return lambda: m()
+
+
+def _stage(m: Call, n: int) -> Call:
+    return lambda stage: m(*(stage,)[:n])
+
+
+def _outputs(m: Call, n: int) -> Call:
+    return lambda outputs: m(*(outputs,)[:n])
+
+
+def _checkpoint(m: Call, n: int) -> Call:
+    return lambda checkpoint: m(*(checkpoint,)[:n])
+
+
+def _fit_batch_start(m: Call, n: int) -> Call:
+    return lambda batch, batch_idx: m(*(batch, batch_idx, 0)[:n])
+
+
+def _fit_batch_end(m: Call, n: int) -> Call:
+    return lambda outputs, batch, batch_idx: m(*(outputs, batch, batch_idx, 0)[:n])
+
+
+def _eval_batch_start(m: Call, n: int) -> Call:
+    return lambda batch, batch_idx, dataloader_idx: m(*(batch, batch_idx, dataloader_idx)[:n])
+
+
+def _eval_batch_end(m: Call, n: int) -> Call:
+    return lambda outputs, batch, batch_idx, dataloader_idx: m(*(outputs, batch, batch_idx, dataloader_idx)[:n])
+
+
+def _before_optimizer_step(m: Call, n: int) -> Call:
+    if n < 2:  # Lightning 2.x: (optimizer)
+        return lambda optimizer: m(*(optimizer,)[:n])
+    return lambda trainer, optimizer: m(optimizer, _optimizer_index(trainer, optimizer))
+
+
+# module hook → its adapter, given ``m`` (the module's bound method) and ``n`` (how many positional
+# arguments the method takes). The adapter is what pluggy calls: its parameters name the hookspec
+# arguments it needs (pluggy passes those, by name), and it gives the method the first ``n`` of
+# Lightning's positional arguments, in one call (this runs per step). dataloader_idx is 0 in fit
+# (one loader each), the loader's index in test and predict.
+MODULE_HOOKS: dict[str, Callable[[Call, int], Call]] = {
+    "setup": _stage,
+    "teardown": _stage,
+    "on_fit_start": _plain,
+    "on_fit_end": _plain,
+    "on_train_start": _plain,
+    "on_train_end": _plain,
+    "on_epoch_start": _plain,
+    "on_epoch_end": _plain,
+    "on_train_epoch_start": _plain,
+    "on_train_epoch_end": _plain,
+    "on_train_batch_start": _fit_batch_start,
+    "on_train_batch_end": _fit_batch_end,
+    "on_before_backward": lambda m, n: lambda loss: m(*(loss,)[:n]),
+    "on_after_backward": _plain,
+    "on_before_optimizer_step": _before_optimizer_step,
+    "on_before_zero_grad": lambda m, n: lambda optimizer: m(*(optimizer,)[:n]),
+    "training_epoch_end": _outputs,
+    "on_validation_start": _plain,
+    "on_validation_epoch_start": _plain,
+    "on_validation_batch_start": _fit_batch_start,
+    "on_validation_batch_end": _fit_batch_end,
+    "validation_epoch_end": _outputs,
+    "on_validation_epoch_end": _plain,
+    "on_validation_end": _plain,
+    "on_test_start": _plain,
+    "on_test_epoch_start": _plain,
+    "on_test_batch_start": _eval_batch_start,
+    "on_test_batch_end": _eval_batch_end,
+    "test_epoch_end": _outputs,
+    "on_test_epoch_end": _plain,
+    "on_test_end": _plain,
+    "on_predict_start": _plain,
+    "on_predict_epoch_start": _plain,
+    "on_predict_batch_start": _eval_batch_start,
+    "on_predict_batch_end": _eval_batch_end,
+    "on_predict_epoch_end": _outputs,
+    "on_predict_end": _plain,
+    "on_save_checkpoint": _checkpoint,
+    "on_load_checkpoint": _checkpoint,
 }
 
 #: How many positional arguments Lightning passes where it is more than the hookspec names.
@@ -200,7 +240,7 @@ def check_module_methods(module: nn.Module) -> None:
         if name in _NN_MODULE:
             continue  # an nn.Module override (state_dict, train, extra_repr ...)
         if name in MODULE_HOOKS:
-            passed = LIGHTNING_ARITY.get(name, MODULE_HOOKS[name](_ignore).__code__.co_argcount)
+            passed = LIGHTNING_ARITY.get(name, MODULE_HOOKS[name](_ignore, 0).__code__.co_argcount)
             needed = _required(getattr(module, name))
             if name == "on_train_epoch_end" and needed:
                 raise MisconfigurationError(
@@ -241,17 +281,10 @@ def _ignore(*args: Any) -> None:
     return None
 
 
-def _cut(method: Any) -> Call:
-    """``method`` called with at most as many positional arguments as it takes."""
+def _arity(method: Any) -> int:
+    """How many of Lightning's positional arguments to pass ``method`` (all, with ``*args``)."""
     arity = positional_arity(method)
-    if arity == float("inf"):
-        return cast(Call, method)
-    n = int(arity)
-
-    def call(*args: Any) -> Any:
-        return method(*args[:n])  # on_train_batch_start's -1 skips the rest of the epoch
-
-    return call
+    return 99 if arity == float("inf") else int(arity)
 
 
 @contextmanager
@@ -282,8 +315,11 @@ def registered(trainer: Trainer, module: nn.Module, datamodule: Any = None) -> I
 def module_plugin(module: nn.Module) -> object | None:
     """The adapter that implements the module's hooks, or ``None`` when it defines none."""
     user = _user_methods(module)
-    impls = {name: hookimpl(MODULE_HOOKS[name](_cut(getattr(module, name)))) for name in MODULE_HOOKS
-             if name in user}
+    impls = {}
+    for name in MODULE_HOOKS:
+        if name in user:
+            method = getattr(module, name)
+            impls[name] = hookimpl(MODULE_HOOKS[name](method, _arity(method)))
     return SimpleNamespace(**impls) if impls else None
 
 

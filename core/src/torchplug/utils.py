@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import sys
+import weakref
 from types import FrameType
 from typing import Any
 
@@ -21,20 +22,24 @@ def move_to_device(obj: Any, device: torch.device) -> Any:
     return _moved(obj, device)
 
 
+_Tensor = torch.Tensor
+_SEQUENCES = (tuple, list)
+_CONTAINERS = (tuple, list, dict)
+
+
 def _placed(obj: Any, device: torch.device) -> bool:
-    if isinstance(obj, torch.Tensor):
-        return obj.device == device
-    if isinstance(obj, (tuple, list)):
-        for item in obj:  # tensors checked here: a (batch, batch_idx) of tensors recurses no further
-            if isinstance(item, torch.Tensor):
-                if item.device != device:
-                    return False
-            elif isinstance(item, (tuple, list, dict)) and not _placed(item, device):
-                return False
+    if isinstance(obj, _SEQUENCES):
+        items: Any = obj
     elif isinstance(obj, dict):
-        for item in obj.values():
-            if not _placed(item, device):
+        items = obj.values()
+    else:
+        return not isinstance(obj, _Tensor) or obj.device == device
+    for item in items:  # tensors checked here: a (batch, batch_idx) of tensors recurses once
+        if isinstance(item, _Tensor):
+            if item.device != device:
                 return False
+        elif isinstance(item, _CONTAINERS) and not _placed(item, device):
+            return False
     return True
 
 
@@ -54,15 +59,40 @@ def _moved(obj: Any, device: torch.device) -> Any:
     return obj
 
 
+#: where :func:`first_parameter` last found a parameter: (module, the submodule holding it, its name)
+_last_found: tuple[weakref.ref[nn.Module], weakref.ref[nn.Module], str] | None = None
+
+
 def first_parameter(module: nn.Module) -> torch.Tensor | None:
     """The module's first parameter in ``parameters()`` order, or None; ~10x cheaper than
-    ``next(module.parameters())``, which builds names and a memo set on every call."""
-    for param in module._parameters.values():
+    ``next(module.parameters())``, which builds names and a memo set on every call.
+
+    Called once per step with the same model, it remembers where it found the parameter (weakly:
+    nothing is kept alive) and looks there first; a parameter replaced or deleted since sends it
+    searching again."""
+    global _last_found
+    last = _last_found
+    if last is not None and last[0]() is module:
+        holder = last[1]()
+        if holder is not None:
+            param = holder._parameters.get(last[2])
+            if param is not None:
+                return param
+    found = _search_parameter(module)
+    if found is None:
+        return None
+    holder, name = found
+    _last_found = (weakref.ref(module), weakref.ref(holder), name)
+    return holder._parameters[name]
+
+
+def _search_parameter(module: nn.Module) -> tuple[nn.Module, str] | None:
+    for name, param in module._parameters.items():
         if param is not None:
-            return param
+            return module, name
     for child in module._modules.values():
         if child is not None:
-            found = first_parameter(child)
+            found = _search_parameter(child)
             if found is not None:
                 return found
     return None

@@ -235,7 +235,11 @@ def test_a_python_error_on_a_worker_comes_back_with_its_traceback() -> None:
 def test_static_graph_with_accumulation_is_refused() -> None:
     with pytest.raises(MisconfigurationError, match=r"static_graph=True.*accumulate_grad_batches=2.*143580"):
         Trainer(**quiet(plugins=[DDPPlugin(static_graph=True)], accumulate_grad_batches=2))
+    # a schedule that starts accumulating later is refused as well, naming the schedule
+    with pytest.raises(MisconfigurationError, match=r"accumulate_grad_batches=\{0: 1, 2: 4\}"):
+        Trainer(**quiet(plugins=[DDPPlugin(static_graph=True)], accumulate_grad_batches={0: 1, 2: 4}))
     Trainer(**quiet(plugins=[DDPPlugin(static_graph=True)]))  # fine without accumulation
+    Trainer(**quiet(plugins=[DDPPlugin(static_graph=True)], accumulate_grad_batches={0: 1}))
 
 
 @pytest.mark.timeout(30)

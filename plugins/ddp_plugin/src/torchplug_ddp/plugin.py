@@ -128,12 +128,14 @@ class DDPPlugin(Plugin):
                 f"{name}: this torch build has no torch.distributed (torch {torch.__version__}); "
                 "install a build with it."
             )
-        if self.ddp_kwargs.get("static_graph") and trainer.accumulate_grad_batches > 1:
+        schedule = trainer.accumulation_schedule  # the whole of it: {0: 1, 2: 4} accumulates from epoch 2
+        if self.ddp_kwargs.get("static_graph") and max(schedule.values()) > 1:
+            setting = schedule[0] if list(schedule) == [0] else schedule
             raise MisconfigurationError(
                 f"{name}: static_graph=True cannot be combined with accumulate_grad_batches="
-                f"{trainer.accumulate_grad_batches}: in static-graph mode DDP's no_sync() breaks (an INTERNAL ASSERT "
+                f"{setting}: in static-graph mode DDP's no_sync() breaks (an INTERNAL ASSERT "
                 "'expect_autograd_hooks_', after which gradients silently stop being all-reduced; "
-                "pytorch/pytorch#143580). Drop static_graph=True, or set accumulate_grad_batches=1."
+                "pytorch/pytorch#143580). Drop static_graph=True, or do not accumulate (accumulate_grad_batches=1)."
             )
         cuda = _cuda_run(trainer)
         if self.backend == "nccl" and not cuda:
