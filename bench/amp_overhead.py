@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import time
 import warnings
 from typing import Any
 
@@ -64,6 +65,28 @@ def run_once(impls: dict[str, Any], widths: tuple[int, ...], batches: list[Any],
     return loader.per_step(warmup, measure)
 
 
+#: bf16/fp32 time of a probe matmul above which the compute-bound bf16 size is skipped
+SLOW_BF16 = 10.0
+
+
+def bf16_slowdown() -> float:
+    """How much slower a bf16 matmul is than fp32 here (64x512 @ 512x512, best of 3). About 1-2
+    where the CPU has native bf16 (AVX512-BF16, AMX); ~40 on an AVX2-only CPU, where torch falls
+    back to a scalar path and one compute-bound bf16 step takes minutes instead of ~50 ms."""
+    a, b = torch.randn(64, 512), torch.randn(512, 512)
+    best = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        x, y = a.to(dtype), b.to(dtype)
+        x @ y
+        times = []
+        for _ in range(3):
+            start = time.perf_counter()
+            x @ y
+            times.append(time.perf_counter() - start)
+        best[dtype] = min(times)
+    return best[torch.bfloat16] / best[torch.float32]
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--sizes", default="tiny,compute")
@@ -91,8 +114,15 @@ def main(argv: list[str] | None = None) -> None:
         h.emit(result)
         return
 
+    slowdown = bf16_slowdown() if args.precision == "bf16" else 1.0
     for size in args.sizes.split(","):
         widths, batch = h.SIZES[size]
+        if size == "compute" and slowdown > SLOW_BF16:
+            why = (f"skipped: a bf16 matmul is {slowdown:.0f}x slower than fp32 on this CPU (torch CPU capability "
+                   f"{torch.backends.cpu.get_cpu_capability()}, no native bf16), so this size would take hours")
+            result["sizes"][size] = {"widths": widths, "batch": batch, "skipped": why}
+            h.progress(f"amp_overhead {size}: {why}")
+            continue
         warmup, measure = steps_table[size]
         plugins: list[str] = []
         once = functools.partial(run_once, impls, widths, h.make_batches(widths, batch), warmup, measure, args, plugins)

@@ -13,7 +13,7 @@ STEPS steps; a second child trains 2 * STEPS. The difference of the two totals d
 the steady-state count per step, with setup and teardown cancelled. Cases: ``tiny`` (the fp32
 MLP 32-64-10 of loop_overhead.py), ``module_hooks`` (the six module hooks of
 module_hooks_overhead.py) and ``calibration`` (the same pure-Python loop as both variants: its
-ratio must be 1.000). ``--aa`` also counts the hand loop a second time.
+ratio is 1.0000, the counts a few instructions apart). ``--aa`` also counts the hand loop a second time.
 
 Instructions are a proxy for time, not time: a Python bytecode, a dict lookup and a matmul
 instruction cost different cycles. A ratio here above the wall-clock one means the overhead is
