@@ -183,6 +183,9 @@ RUN_BY = {
     "pip install build && python -m build --wheel": E2E,
     "python bench/loop_overhead.py --sizes tiny --reps 11": BENCH,
     "python bench/loop_overhead.py --sizes compute --reps 9": BENCH,
+    "python bench/module_hooks_overhead.py --reps 101":
+        "core/tests/test_bench_smoke.py::test_module_hooks_overhead_quick",
+    "python bench/instructions.py --aa": "core/tests/test_bench_smoke.py::test_instruction_counts_are_exact",
     "python bench/amp_overhead.py --reps 7": BENCH,
     "python bench/ddp_no_sync.py --reps 9": BENCH,
     "python bench/sharded_step.py --reps 5": "core/tests/test_bench_smoke.py::test_sharded_step_quick",
