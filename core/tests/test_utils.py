@@ -1,5 +1,6 @@
-"""The per-step helpers of torchplug.utils: what they return, and that their shortcuts (a batch
-already in place, the remembered first parameter) never give a stale answer."""
+"""The per-step helpers (torchplug.utils, the RNG capture at each window start): what they
+return, and that their shortcuts (a batch already in place, the remembered first parameter,
+numpy's unchanged RNG state) never give a stale answer."""
 
 from __future__ import annotations
 
@@ -65,3 +66,25 @@ def test_first_parameter_keeps_nothing_alive() -> None:
     gc.collect()
     assert model_ref() is None
     assert weight_ref() is None
+
+
+def test_the_rng_capture_of_numpy_is_always_numpys_state() -> None:
+    """capture_rng reuses numpy's last state while the generator has not moved: after every kind
+    of change (a draw, a cached Gaussian made and consumed, a seed, a restore) it equals get_state()."""
+    import numpy as np
+
+    from torchplug import checkpoint
+
+    def same(a: tuple[object, ...], b: tuple[object, ...]) -> bool:
+        return a[0] == b[0] and bool(np.array_equal(a[1], b[1])) and a[2:] == b[2:]  # type: ignore[arg-type]
+
+    np.random.seed(3)
+    first = checkpoint.capture_rng()[3]
+    assert checkpoint.capture_rng()[3] is first  # nothing drew: the same state, not read again
+    changes = [lambda: np.random.rand(3), lambda: np.random.standard_normal(),  # makes a cached Gaussian
+               lambda: np.random.standard_normal(),  # consumes it: the raw state does not move
+               lambda: np.random.seed(3),
+               lambda: checkpoint.set_rng_states(checkpoint.rng_states(checkpoint.capture_rng()))]
+    for change in changes:
+        change()
+        assert same(checkpoint.capture_rng()[3], np.random.get_state())
