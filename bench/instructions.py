@@ -12,8 +12,10 @@ costs ~1 min, not ~3), warms up, switches counting on with ``callgrind_control -
 STEPS steps; a second child trains 2 * STEPS. The difference of the two totals divided by STEPS is
 the steady-state count per step, with setup and teardown cancelled. Cases: ``tiny`` (the fp32
 MLP 32-64-10 of loop_overhead.py), ``module_hooks`` (the six module hooks of
-module_hooks_overhead.py) and ``calibration`` (the same pure-Python loop as both variants: its
-ratio is 1.0000, the counts a few instructions apart). ``--aa`` also counts the hand loop a second time.
+module_hooks_overhead.py), ``callbacks`` (callbacks_overhead.py's EarlyStopping, ModelCheckpoint
+and TensorBoard logger; needs torchplug-tensorboard) and ``calibration`` (the same pure-Python
+loop as both variants: its ratio is 1.0000, the counts a few instructions apart). ``--aa`` also
+counts the hand loop a second time.
 
 Instructions are a proxy for time, not time: a Python bytecode, a dict lookup and a matmul
 instruction cost different cycles. A ratio here above the wall-clock one means the overhead is
@@ -41,10 +43,11 @@ import _harness as h
 BENCH = Path(__file__).resolve().parent
 TARGET = 1.05
 WARMUP = 20
-CASES = ("tiny", "module_hooks", "calibration")
+CASES = ("tiny", "module_hooks", "callbacks", "calibration")
 WHAT = {
     "tiny": "CPU instructions per step, tiny MLP 32-64-10 batch 32 fp32",
     "module_hooks": "CPU instructions per step, tiny MLP with six per-step module hooks",
+    "callbacks": "CPU instructions per step, tiny MLP with EarlyStopping + ModelCheckpoint + TensorBoard",
     "calibration": "CPU instructions per step, the same pure-Python loop twice (A/A of the method)",
 }
 
@@ -55,17 +58,35 @@ def _calibration_loop(net: Any, loader: h.TimedLoader, clip: float) -> None:
         total += sum(range(len(batch) * 100))  # some thousands of instructions per step
 
 
-def workload(case: str, variant: str) -> tuple[Callable[[Any, h.TimedLoader, float], None], Callable[[], Any], Any]:
+Fit = Callable[[Any, h.TimedLoader, float], None]
+
+
+def _in_temporary_folder(fit: Callable[[Any, h.TimedLoader, Path], None]) -> Fit:
+    """callbacks_overhead.py's fits write TensorBoard files and checkpoints under a folder."""
+    def run(net: Any, loader: h.TimedLoader, clip: float) -> None:
+        with tempfile.TemporaryDirectory() as folder:
+            fit(net, loader, Path(folder))
+
+    return run
+
+
+def workload(case: str, variant: str) -> tuple[Fit, Callable[[], Any], Any]:
     """The fit function, a model factory and the batches of ``case``'s ``variant``."""
     if case == "calibration":
         return _calibration_loop, lambda: None, [(1, 2)] * 8
     import torch
 
     torch.set_num_threads(1)
+    fit: Fit
     if case == "tiny":
         import loop_overhead
 
         fit = loop_overhead.fit_hand if variant.startswith("hand") else loop_overhead.fit_trainer
+    elif case == "callbacks":
+        import callbacks_overhead
+
+        fit = _in_temporary_folder(callbacks_overhead.fit_hand if variant.startswith("hand")
+                                   else callbacks_overhead.fit_trainer)
     else:
         import module_hooks_overhead
 

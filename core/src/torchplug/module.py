@@ -73,7 +73,7 @@ class MetricStore:
         if isinstance(value, torch.Tensor):
             if value.numel() != 1:
                 raise ValueError(f"self.log({name!r}, ...) needs a scalar, got a tensor of shape {tuple(value.shape)}")
-            value = value.detach().reshape(())
+            value = value.detach() if value.ndim == 0 else value.detach().reshape(())
         elif isinstance(value, bool) or not isinstance(value, (int, float)):
             raise TypeError(f"self.log({name!r}, ...) needs a number or a scalar tensor, got {type(value).__name__}")
         fx = REDUCE_FX.get(reduce_fx) if not isinstance(reduce_fx, list) else None
@@ -213,12 +213,12 @@ class TrainingModule(nn.Module):
             sync_dist: bool = False, sync_dist_op: Any = None, sync_dist_group: Any = None) -> None:
         """Record a metric (Lightning 1.x's arguments; see :class:`MetricStore`); outside a Trainer
         run this does nothing. Arguments torchplug cannot honour are refused, never ignored."""
-        refused = {"tbptt_reduce_fx": tbptt_reduce_fx, "tbptt_pad_token": tbptt_pad_token,
-                   "sync_dist_group": sync_dist_group}
-        for arg, given in refused.items():
-            if given is not None:
-                raise ValueError(f"self.log({name!r}, {arg}=...): torchplug has no {arg.split('_')[0]} support; "
-                                 f"drop {arg}.")
+        if tbptt_reduce_fx is not None or tbptt_pad_token is not None or sync_dist_group is not None:
+            refused = {"tbptt_reduce_fx": tbptt_reduce_fx, "tbptt_pad_token": tbptt_pad_token,
+                       "sync_dist_group": sync_dist_group}  # built only when refusing: self.log runs per step
+            arg = next(arg for arg, given in refused.items() if given is not None)
+            raise ValueError(f"self.log({name!r}, {arg}=...): torchplug has no {arg.split('_')[0]} support; "
+                             f"drop {arg}.")
         if enable_graph:
             raise ValueError(f"self.log({name!r}, enable_graph=True): logged values are detached; drop it.")
         if sync_dist_op is not None and sync_dist_op not in ("mean", "sum", torch.mean, torch.sum):
