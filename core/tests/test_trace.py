@@ -161,8 +161,8 @@ def test_no_trace_by_default(monkeypatch: pytest.MonkeyPatch, capsys: pytest.Cap
     assert not hooks.trace
     assert hooks.trace_path is None
     # the plain callers: a direct call for one implementation, no tracing wrapper, nothing counted
-    assert hooks.world_size.__qualname__ == "_direct.<locals>.direct"
-    assert hooks.on_before_forward.__qualname__ == "_chained.<locals>.chain"
+    assert hooks.world_size.__qualname__ == "direct.<locals>.call"
+    assert hooks.on_before_forward.__qualname__ == "chained.<locals>.chain"
     assert dist.barrier is barrier
     hooks.world_size()
     assert trace_lines(capsys.readouterr().err) == []

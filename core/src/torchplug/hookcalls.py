@@ -12,7 +12,6 @@ tracing costs nothing per call.
 
 from __future__ import annotations
 
-import operator
 import os
 import weakref
 from collections.abc import Callable, Generator
@@ -23,6 +22,7 @@ from typing import TYPE_CHECKING, Any, cast
 import pluggy
 
 from torchplug import hookspecs
+from torchplug.callers import chained, fast
 from torchplug.errors import PluginHookError, PluginValidationError
 from torchplug.hookspecs import CHAINED_HOOKS
 from torchplug.trace import (
@@ -32,7 +32,6 @@ from torchplug.trace import (
     FileTrace,
     TextTrace,
     Tracer,
-    not_args,
     plugin_info,
     trace_logger,
     trace_mode,
@@ -127,9 +126,9 @@ class Hooks:
             if tracer is not None:
                 caller = traced(name, hook, impls, firstresult, tracer, plugins)
             elif name in CHAINED_HOOKS:
-                caller = _chained(name, impls)
+                caller = chained(name, impls)
             else:
-                caller = _fast(hook, impls, firstresult)
+                caller = fast(hook, impls, firstresult)
             setattr(self, name, caller)
         self.implemented = frozenset(implemented)
 
@@ -337,125 +336,6 @@ if not TYPE_CHECKING:
     # At run time every hook is an instance attribute; annotate them so that
     # typing.get_type_hints(Hooks) lists every hook.
     Hooks.__annotations__.update(dict.fromkeys(hookspecs.HOOK_NAMES, Caller))
-
-
-# ----------------------------------------------------------------------------------------------
-# The plain callers (no tracing)
-# ----------------------------------------------------------------------------------------------
-
-
-def _noop_first(**kwargs: Any) -> None:
-    return None
-
-
-def _noop_all(**kwargs: Any) -> list[Any]:
-    return []
-
-
-def _fast(hook: pluggy.HookCaller, impls: list[pluggy.HookImpl], firstresult: bool) -> Caller:
-    """pluggy's result for this hook, without pluggy's per-call machinery where it is not needed."""
-    if not impls:
-        return _noop_first if firstresult else _noop_all
-    if len(impls) == 1 and not (impls[0].wrapper or impls[0].hookwrapper):
-        function, argnames = impls[0].function, impls[0].argnames
-        return _direct(function, argnames) if firstresult else _direct_all(function, argnames)
-    if any(impl.wrapper or impl.hookwrapper for impl in impls):
-        return hook  # wrappers need pluggy's generator protocol
-    # Several plain implementations: pluggy's calling order and result rules, without its
-    # per-call setup (~1.5 µs, measured in bench/hook_dispatch.py).
-    steps = [(impl.function, impl.argnames) for impl in reversed(impls)]
-    if firstresult:
-        def first(**kwargs: Any) -> Any:
-            for function, argnames in steps:
-                result = function(*[kwargs[a] for a in argnames])
-                if result is not None:
-                    return result
-            return None
-
-        return first
-
-    def every(**kwargs: Any) -> list[Any]:
-        results = []
-        for function, argnames in steps:
-            result = function(*[kwargs[a] for a in argnames])
-            if result is not None:
-                results.append(result)
-        return results
-
-    return every
-
-
-def _direct(function: Callable[..., Any], argnames: tuple[str, ...]) -> Caller:
-    """The one implementation of a firstresult hook, called with the arguments it names,
-    without building an argument list per call (the step's hot path)."""
-    if not argnames:
-        def direct(**kwargs: Any) -> Any:
-            return function()
-    elif len(argnames) == 1:
-        (a,) = argnames
-
-        def direct(**kwargs: Any) -> Any:
-            return function(kwargs[a])
-    else:
-        pick = operator.itemgetter(*argnames)  # a tuple of the values, in C
-
-        def direct(**kwargs: Any) -> Any:
-            return function(*pick(kwargs))
-
-    return direct
-
-
-def _direct_all(function: Callable[..., Any], argnames: tuple[str, ...]) -> Caller:
-    """:func:`_direct` for a hook whose results are collected: pluggy's list (empty for ``None``)."""
-    if not argnames:
-        def direct_all(**kwargs: Any) -> list[Any]:
-            result = function()
-            return [] if result is None else [result]
-    elif len(argnames) == 1:
-        (a,) = argnames
-
-        def direct_all(**kwargs: Any) -> list[Any]:
-            result = function(kwargs[a])
-            return [] if result is None else [result]
-    else:
-        pick = operator.itemgetter(*argnames)
-
-        def direct_all(**kwargs: Any) -> list[Any]:
-            result = function(*pick(kwargs))
-            return [] if result is None else [result]
-
-    return direct_all
-
-
-def _chained(name: str, impls: list[pluggy.HookImpl]) -> Caller:
-    # pluggy's call order is the reverse of get_hookimpls() (tryfirst … normal … trylast). The
-    # usual signatures, (model, args) and (args), are called without a dict per call.
-    steps = [(impl.plugin_name, impl.function, impl.argnames) for impl in reversed(impls)]
-
-    def chain(*, model: Any, args: tuple[Any, ...]) -> tuple[Any, ...]:
-        for plugin_name, function, argnames in steps:
-            if argnames == _MODEL_ARGS:
-                result = function(model, args)
-            elif argnames == _ARGS:
-                result = function(args)
-            else:
-                kwargs = {"model": model, "args": args}
-                result = function(*[kwargs[a] for a in argnames])
-            if result is not None:
-                if not isinstance(result, tuple):
-                    raise not_args(name, plugin_name, result)
-                args = result
-        return args
-
-    return chain
-
-
-_MODEL_ARGS, _ARGS = ("model", "args"), ("args",)
-
-
-# ----------------------------------------------------------------------------------------------
-# Traced callers: the same results, every implementation call recorded by a tracer
-# ----------------------------------------------------------------------------------------------
 
 
 __all__ = ["COLLECTIVES", "TRACE_ENV", "Hooks", "trace_logger"]
