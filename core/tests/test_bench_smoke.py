@@ -79,11 +79,12 @@ def test_module_hooks_overhead_quick() -> None:
                     reason="valgrind is not installed")
 def test_instruction_counts_are_exact() -> None:
     """The calibration case runs the same loop as both variants: the counts per step agree to
-    0.01% (a few instructions in ~18,000), which is what makes the method noise-free."""
+    0.1% (--quick's few steps leave a few instructions in ~18,000 of spread, 0.02% seen in CI),
+    against the ±10% of a wall-clock repetition here."""
     result = _result(_run(str(BENCH / "instructions.py"), "--quick"))
     counts = result["cases"]["calibration"]["per_step"]
     assert counts["hand"] > 1000
-    assert abs(counts["torchplug"] / counts["hand"] - 1) < 1e-4
+    assert abs(counts["torchplug"] / counts["hand"] - 1) < 1e-3
     _check_rows(result["rows"])
 
 
