@@ -2,8 +2,7 @@
 
 A pluggy call costs ~1.3 µs even with no implementation and ~2 µs with one. Most hooks in a
 run have exactly one implementation (the core's default or the one plugin of a role), so each
-call site here is resolved once: no implementation → a no-op, plain implementations → direct
-calls in pluggy's order with pluggy's result rules, wrappers → pluggy's own caller. Chained
+call site is resolved once per plugin set (:mod:`torchplug.callers` says into what). Chained
 hooks (:data:`torchplug.hookspecs.CHAINED_HOOKS`) are called by the core itself, in pluggy's order.
 
 With ``TORCHPLUG_TRACE`` set (:mod:`torchplug.trace`), traced callers take their place; unset,
